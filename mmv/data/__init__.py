@@ -3,6 +3,21 @@
 Importing this package is light: ITK is imported only when a file is first read.
 """
 
+from mmv.data.cache import PreprocessCache
+from mmv.data.collate import LabelledPackedBatch, PackedCollate
+from mmv.data.datasets import (
+    CHEXPERT_COMPETITION_LABELS,
+    CHEXPERT_LABELS,
+    CT_RATE_LABELS,
+    CheXpert,
+    CtRate,
+    ImageRecord,
+    LabelledImageDataset,
+    Manifest,
+    MimicCxr,
+    MixedDataset,
+    Sample,
+)
 from mmv.data.io import (
     ImageInfo,
     ImageReadError,
@@ -12,13 +27,45 @@ from mmv.data.io import (
     read_image,
     read_image_info,
 )
+from mmv.data.preprocess import (
+    CtPreprocess,
+    XrayPreprocess,
+    crop_or_pad,
+    ct_window,
+    normalize_xray,
+    resample_to_spacing,
+    resize_xray,
+)
+from mmv.data.sampler import TokenBudgetBatchSampler
 
 __all__ = [
+    "CHEXPERT_COMPETITION_LABELS",
+    "CHEXPERT_LABELS",
+    "CT_RATE_LABELS",
+    "CheXpert",
+    "CtPreprocess",
+    "CtRate",
     "ImageInfo",
     "ImageReadError",
+    "ImageRecord",
+    "LabelledImageDataset",
+    "LabelledPackedBatch",
+    "Manifest",
+    "MimicCxr",
+    "MixedDataset",
     "NiftiHeaderFacts",
+    "PackedCollate",
+    "PreprocessCache",
+    "Sample",
+    "TokenBudgetBatchSampler",
+    "XrayPreprocess",
+    "crop_or_pad",
+    "ct_window",
     "inspect_nifti_header",
     "list_dicom_series",
+    "normalize_xray",
     "read_image",
     "read_image_info",
+    "resample_to_spacing",
+    "resize_xray",
 ]
