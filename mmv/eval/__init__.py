@@ -1,0 +1,26 @@
+"""Evaluation of frozen features: feature tables, AUROC metrics, linear probes, protocols and the modality analysis.
+
+:func:`run_probe` and :func:`run_analysis` are the entry points of ``mmv probe`` and ``mmv analyze``.
+"""
+
+from mmv.eval.commands import run_analysis, run_probe
+from mmv.eval.features import FeatureIndex, FeatureWriter, read_feature_table
+from mmv.eval.metrics import auroc, bootstrap_auroc, macro_auroc, roc_curve
+from mmv.eval.probe import evaluate_probe, fit_linear_probe
+from mmv.eval.protocols import PROTOCOLS, prepare_protocol
+
+__all__ = [
+    "PROTOCOLS",
+    "FeatureIndex",
+    "FeatureWriter",
+    "auroc",
+    "bootstrap_auroc",
+    "evaluate_probe",
+    "fit_linear_probe",
+    "macro_auroc",
+    "prepare_protocol",
+    "read_feature_table",
+    "roc_curve",
+    "run_analysis",
+    "run_probe",
+]

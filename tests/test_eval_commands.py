@@ -1,0 +1,107 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from mmv.eval.commands import run_analysis, run_probe
+from mmv.eval.features import FeatureIndex, FeatureWriter
+from mmv.eval.protocols import CTRATE18_LABELS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NUM_FEATURES = 12
+
+
+def phantom_table(directory, num_phantoms=160, seed=0):
+    """An X-ray and a CT row per phantom, sharing two labels read from a shared latent direction."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(num_phantoms, 3))
+    labels = np.c_[latent[:, 0] > 0, latent[:, 1] > 0, np.zeros(num_phantoms)].astype(float)
+    labels[:, 2] = np.nan  # a label nobody knows: it must come out as not available, not as a number
+    shared = np.zeros((num_phantoms, NUM_FEATURES))
+    shared[:, :3] = latent
+    xray = shared + rng.normal(size=shared.shape) * 0.2
+    xray[:, 3] += rng.normal(size=num_phantoms) * 2.0
+    ct = shared + rng.normal(size=shared.shape) * 0.2
+    ct[:, 4] += rng.normal(size=num_phantoms) * 2.0
+    ct[:, 5] += 3.0
+    split_of = ["train"] * (num_phantoms * 5 // 8) + ["val"] * (num_phantoms // 8) + ["test"] * (num_phantoms // 4)
+    index = FeatureIndex(
+        ids=tuple(f"phantom{i}/{kind}" for kind in ("xray", "ct") for i in range(num_phantoms)),
+        splits=tuple(split_of * 2),
+        modalities=tuple(["xray"] * num_phantoms + ["ct"] * num_phantoms),
+        groups=tuple(f"phantom{i}" for i in range(num_phantoms)) * 2,
+        label_names=("left", "right", "unknown"),
+        labels=np.concatenate([labels, labels]),
+    )
+    with FeatureWriter(directory, index, {"cls": NUM_FEATURES}) as writer:
+        writer.write(np.arange(2 * num_phantoms), {"cls": np.concatenate([xray, ct])})
+    return directory
+
+
+def test_run_probe_writes_json_markdown_and_roc_plot(tmp_path):
+    features_dir = phantom_table(tmp_path / "features")
+    run = run_probe(features_dir, "manifest", tmp_path / "out", num_resamples=100, progress=False)
+    assert set(run.outputs) == {"json", "markdown", "roc_plot"}
+    summary = json.loads(run.outputs["json"].read_text())
+    assert summary["protocol"] == "manifest" and summary["rows"] == {"train": 200, "val": 40, "test": 80}
+    assert summary["labels"]["left"]["auroc"] > 0.9 and summary["macro_auroc"] > 0.9
+    assert summary["labels"]["unknown"]["auroc"] is None and summary["labels"]["unknown"]["skipped"]
+    assert summary["macro_auroc"] == pytest.approx(np.mean([summary["labels"][n]["auroc"] for n in ("left", "right")]))
+    lower, upper = summary["macro_auroc_ci"]
+    assert lower < summary["macro_auroc"] < upper
+    markdown = run.outputs["markdown"].read_text()
+    left = summary["labels"]["left"]
+    assert f"| left | {left['positives']} | {left['negatives']} | {left['auroc']:.3f} |" in markdown
+    assert left["positives"] + left["negatives"] == 80
+    assert "| **macro** |" in markdown and "skipped:" in markdown
+    assert run.outputs["roc_plot"].read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_run_probe_with_a_data_set_protocol(tmp_path):
+    label_dir = tmp_path / "ctrate" / "dataset" / "multi_abnormality_labels"
+    label_dir.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    names = {"train": [f"train_{p}_a_1" for p in range(60)], "valid": [f"valid_{p}_a_1" for p in range(30)]}
+    features = rng.normal(size=(90, NUM_FEATURES)).astype(np.float32)
+    labels = (features[:, :1] + rng.normal(size=(90, 18)) * 0.5 > 0).astype(int)
+    for split, rows in (("train", slice(0, 60)), ("valid", slice(60, 90))):
+        with (label_dir / f"{split}_predicted_labels.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("VolumeName",) + CTRATE18_LABELS)
+            writer.writerows([f"{name}.nii.gz", *row] for name, row in zip(names[split], labels[rows]))
+    ids = names["train"] + names["valid"]
+    index = FeatureIndex(tuple(ids), ("",) * 90, ("ct",) * 90, ("",) * 90, (), np.zeros((90, 0)))
+    with FeatureWriter(tmp_path / "features", index, {"cls": NUM_FEATURES}) as writer:
+        writer.write(np.arange(90), {"cls": features})
+    run = run_probe(
+        tmp_path / "features", "ctrate18", tmp_path / "out", labels_root=tmp_path / "ctrate", num_resamples=50,
+        progress=False,
+    )
+    summary = json.loads((tmp_path / "out" / "ctrate18.json").read_text())
+    assert summary["rows"]["test"] == 30 and summary["val_carved_from_train"]
+    assert len(summary["labels"]) == 18 and summary["macro_auroc"] > 0.75
+    assert run.evaluation.auroc.shape == (18,)
+
+
+def test_run_analysis_writes_the_report_with_transfer(tmp_path):
+    features_dir = phantom_table(tmp_path / "features")
+    run = run_analysis(features_dir, tmp_path / "out", num_resamples=50, progress=False)
+    summary = json.loads(run.outputs["json"].read_text())
+    # Paired on the phantom: the 3 shared unit-variance directions against each modality's own variance-4
+    # direction give CKA near 3 / (3 + 16).
+    assert summary["paired_rows"] == 160 and 0.1 < summary["linear_cka"] < 0.3
+    assert summary["modality_classifier"]["accuracy"] > 0.95
+    assert summary["subspace_dims"]["shared"] == 3
+    assert summary["subspace_dims"]["xray_specific"] == 1 and summary["subspace_dims"]["ct_specific"] == 1
+    assert set(summary["transfer"]) == {"xray->xray", "xray->ct", "ct->xray", "ct->ct"}
+    assert summary["transfer"]["xray->ct"]["macro_auroc"] > 0.8
+    markdown = run.outputs["markdown"].read_text()
+    assert "## Cross-modal transfer" in markdown and "| xray -> ct |" in markdown
+    assert run.outputs["subspace_plot"].read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_run_analysis_names_a_missing_modality(tmp_path):
+    features_dir = phantom_table(tmp_path / "features", num_phantoms=16)
+    with pytest.raises(ValueError, match=r"modality 'mri' has 0 rows .* modalities there: \['ct', 'xray'\]"):
+        run_analysis(features_dir, tmp_path / "out", modalities=("xray", "mri"), progress=False)
