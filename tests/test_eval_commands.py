@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.eval.commands import run_analysis, run_probe
 from mmv.eval.features import FeatureIndex, FeatureWriter
 from mmv.eval.protocols import CTRATE18_LABELS
@@ -29,7 +30,7 @@ def phantom_table(directory, num_phantoms=160, seed=0):
     index = FeatureIndex(
         ids=tuple(f"phantom{i}/{kind}" for kind in ("xray", "ct") for i in range(num_phantoms)),
         splits=tuple(split_of * 2),
-        modalities=tuple(["xray"] * num_phantoms + ["ct"] * num_phantoms),
+        modalities=tuple([XRAY_MODALITY] * num_phantoms + [CT_MODALITY] * num_phantoms),
         groups=tuple(f"phantom{i}" for i in range(num_phantoms)) * 2,
         label_names=("left", "right", "unknown"),
         labels=np.concatenate([labels, labels]),
@@ -71,7 +72,7 @@ def test_run_probe_with_a_data_set_protocol(tmp_path):
             writer.writerow(("VolumeName",) + CTRATE18_LABELS)
             writer.writerows([f"{name}.nii.gz", *row] for name, row in zip(names[split], labels[rows]))
     ids = names["train"] + names["valid"]
-    index = FeatureIndex(tuple(ids), ("",) * 90, ("ct",) * 90, ("",) * 90, (), np.zeros((90, 0)))
+    index = FeatureIndex(tuple(ids), ("",) * 90, (CT_MODALITY,) * 90, ("",) * 90, (), np.zeros((90, 0)))
     with FeatureWriter(tmp_path / "features", index, {"cls": NUM_FEATURES}) as writer:
         writer.write(np.arange(90), {"cls": features})
     run = run_probe(
@@ -93,15 +94,15 @@ def test_run_analysis_writes_the_report_with_transfer(tmp_path):
     assert summary["paired_rows"] == 160 and 0.1 < summary["linear_cka"] < 0.3
     assert summary["modality_classifier"]["accuracy"] > 0.95
     assert summary["subspace_dims"]["shared"] == 3
-    assert summary["subspace_dims"]["xray_specific"] == 1 and summary["subspace_dims"]["ct_specific"] == 1
-    assert set(summary["transfer"]) == {"xray->xray", "xray->ct", "ct->xray", "ct->ct"}
-    assert summary["transfer"]["xray->ct"]["macro_auroc"] > 0.8
+    assert summary["subspace_dims"]["DX_specific"] == 1 and summary["subspace_dims"]["CT_specific"] == 1
+    assert set(summary["transfer"]) == {"DX->DX", "DX->CT", "CT->DX", "CT->CT"}
+    assert summary["transfer"]["DX->CT"]["macro_auroc"] > 0.8
     markdown = run.outputs["markdown"].read_text()
-    assert "## Cross-modal transfer" in markdown and "| xray -> ct |" in markdown
+    assert "## Cross-modal transfer" in markdown and "| DX -> CT |" in markdown
     assert run.outputs["subspace_plot"].read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_run_analysis_names_a_missing_modality(tmp_path):
     features_dir = phantom_table(tmp_path / "features", num_phantoms=16)
-    with pytest.raises(ValueError, match=r"modality 'mri' has 0 rows .* modalities there: \['ct', 'xray'\]"):
-        run_analysis(features_dir, tmp_path / "out", modalities=("xray", "mri"), progress=False)
+    with pytest.raises(ValueError, match=r"modality 'MR' has 0 rows .* modalities there: \['CT', 'DX'\]"):
+        run_analysis(features_dir, tmp_path / "out", modalities=(XRAY_MODALITY, "MR"), progress=False)

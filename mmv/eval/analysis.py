@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.eval.metrics import auroc
 from mmv.eval.probe import DEFAULT_L2_GRID, ProbeEvaluation, evaluate_probe, fit_linear_probe
 from mmv.eval.protocols import carve_groups
@@ -281,7 +282,7 @@ class LabelledFeatures:
 
 @dataclass(frozen=True, eq=False)
 class TransferResult:
-    """Probe scores by (training modality, test modality), e.g. ``evaluations[("xray", "ct")]``."""
+    """Probe scores by (training modality, test modality), e.g. ``evaluations[("DX", "CT")]``."""
 
     label_names: tuple[str, ...]
     evaluations: dict[tuple[str, str], ProbeEvaluation]
@@ -334,7 +335,7 @@ class ModalityAnalysis:
 
 
 def analyse_modalities(
-    features_a, features_b, *, modality_names: tuple[str, str] = ("xray", "ct"), pairs=None,
+    features_a, features_b, *, modality_names: tuple[str, str] = (XRAY_MODALITY, CT_MODALITY), pairs=None,
     groups_a: Sequence[str] | None = None, groups_b: Sequence[str] | None = None, rank: int | None = None,
     variance_fraction: float = 0.9, shared_angle_deg: float = 30.0, transfer: TransferResult | None = None,
     seed: int = 0, progress: bool = False,

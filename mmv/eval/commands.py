@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.eval.analysis import LabelledFeatures, ModalityAnalysis, analyse_modalities, cross_modal_transfer
 from mmv.eval.features import FeatureTable, read_feature_table
 from mmv.eval.probe import DEFAULT_L2_GRID, LinearProbe, ProbeEvaluation, evaluate_probe, fit_linear_probe
@@ -156,7 +157,7 @@ def run_analysis(
     features_dir: str | Path,
     out_dir: str | Path,
     *,
-    modalities: tuple[str, str] = ("xray", "ct"),
+    modalities: tuple[str, str] = (XRAY_MODALITY, CT_MODALITY),
     second_features_dir: str | Path | None = None,
     array: str = "cls",
     rank: int | None = None,

@@ -10,9 +10,10 @@ A feature table is a directory::
 
 Row i of every array belongs to row i of ``index.csv``. ``id`` is unique and names the image (a path
 relative to the data set root, a DICOM id, a CT-RATE volume name); ``split`` is the data set's own split
-(train / val / test, or blank when the data set has none); ``modality`` is e.g. ``xray`` or ``ct``;
-``group`` ties rows of one patient (or phantom) together, blank when unknown. Label cells are 1, 0, any
-other number the source gives (e.g. -1 for uncertain), or blank for unknown (read back as NaN).
+(train / val / test, or blank when the data set has none); ``modality`` is the data set's modality tag
+(``DX`` for radiographs, ``CT``); ``group`` ties rows of one patient (or phantom) together, blank when
+unknown. Label cells are 1, 0, any other number the source gives (e.g. -1 for uncertain), or blank for
+unknown (read back as NaN).
 
 The index is written when the table is created, the arrays are filled in any order by
 :class:`FeatureWriter`, and ``written.npy`` records which rows are done, so an interrupted run resumes by

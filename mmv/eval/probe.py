@@ -174,9 +174,10 @@ class LinearProbe:
     """A fitted multi-label linear probe.
 
     The decision score (logit) is ``((x - feature_mean) / feature_scale) @ weight + bias`` and the
-    probability its sigmoid. Labels listed in ``skipped`` (with the reason) could not be fit and score NaN. ``l2`` is each label's chosen strength;
-    ``validation_log_loss`` and ``validation_auroc`` are ``(len(l2_grid), L)``, one row per grid strength.
-    ``selected_by`` says per label which validation score chose its strength.
+    probability its sigmoid. Labels listed in ``skipped`` (with the reason) could not be fit and score
+    NaN. ``l2`` is each label's chosen strength; ``validation_log_loss`` and ``validation_auroc`` are
+    ``(len(l2_grid), L)``, one row per grid strength. ``selected_by`` says per label which validation
+    score chose its strength.
     """
 
     label_names: tuple[str, ...]

@@ -45,6 +45,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from mmv.data.datasets import CHEXPERT_COMPETITION_LABELS, CHEXPERT_LABELS, CT_RATE_LABELS
 from mmv.eval.features import FeatureTable
 
 __all__ = [
@@ -65,7 +66,7 @@ __all__ = [
     "prepare_protocol",
 ]
 
-CHEXPERT5_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+CHEXPERT5_LABELS = CHEXPERT_COMPETITION_LABELS
 CHEXPERT5_UNCERTAIN_AS = {
     "Atelectasis": 1.0,
     "Cardiomegaly": 0.0,
@@ -73,18 +74,8 @@ CHEXPERT5_UNCERTAIN_AS = {
     "Edema": 1.0,
     "Pleural Effusion": 0.0,
 }
-MIMIC14_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-    "Pneumothorax", "Support Devices",
-)
-CTRATE18_LABELS = (
-    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
-    "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
-    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+MIMIC14_LABELS = CHEXPERT_LABELS
+CTRATE18_LABELS = CT_RATE_LABELS
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
     "train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test",
