@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,6 +24,7 @@
 #include "../checks.h"
 #include "attention_tiles.h"
 #include "simd.h"
+#include "workspace.h"
 
 namespace mmv {
 namespace {
@@ -33,6 +33,8 @@ using namespace attention;
 using simd::VecF;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kQueryTiles = 4;  // query tiles per forward item
+constexpr int64_t kKeyTiles = 8;    // key tiles per softmax step of the forward
 
 // The packed batch cut into tiles of kBlock tokens; tiles never straddle two sequences.
 struct Tiles {
@@ -93,20 +95,17 @@ void for_each_item_dynamic(int64_t num_items, MakeState&& make_state, ItemFn&& f
 
 template <typename compute_t>
 struct Panels {
-  int64_t head_dim = 0;
-  int64_t padded_dim = 0;  // Dp
-  int64_t num_tiles = 0;
-  std::vector<compute_t> storage;
+  int64_t head_dim;
+  int64_t num_tiles;
+  compute_t* storage;  // uninitialised: every panel is written in full before it is read
 
-  Panels(int64_t heads, int64_t tiles, int64_t head_dim_)
-      : head_dim(head_dim_),
-        padded_dim(padded_head_dim(head_dim_)),
-        num_tiles(tiles),
-        storage(static_cast<size_t>(heads * tiles * panel_elems(head_dim_))) {}
-  compute_t* at(int64_t h, int64_t g) { return storage.data() + (h * num_tiles + g) * panel_elems(head_dim); }
-  const compute_t* at(int64_t h, int64_t g) const {
-    return storage.data() + (h * num_tiles + g) * panel_elems(head_dim);
+  static size_t bytes(int64_t heads, int64_t tiles, int64_t head_dim) {
+    return Workspace::bytes_for<compute_t>(heads * tiles * panel_elems(head_dim));
   }
+  Panels(Workspace::Scope& scope, int64_t heads, int64_t tiles, int64_t head_dim_)
+      : head_dim(head_dim_), num_tiles(tiles), storage(scope.take<compute_t>(heads * tiles * panel_elems(head_dim_))) {}
+  compute_t* at(int64_t h, int64_t g) { return storage + (h * num_tiles + g) * panel_elems(head_dim); }
+  const compute_t* at(int64_t h, int64_t g) const { return storage + (h * num_tiles + g) * panel_elems(head_dim); }
 };
 
 // The rows of tile g of head h as a zero-padded kBlock x Dp block of compute type.
@@ -114,12 +113,17 @@ template <typename scalar_t, typename compute_t>
 void load_tile_rows(const TokenView<scalar_t>& x, const Tiles& tiles, int64_t h, int64_t g, int64_t head_dim,
                     int64_t padded_dim, compute_t* out) {
   const int64_t begin = tiles.begin(g), rows = tiles.rows(g);
-  std::fill(out, out + kBlock * padded_dim, compute_t(0.f));
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = x.row(begin + r, h);
     compute_t* dst = out + r * padded_dim;
-    for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<compute_t>(static_cast<float>(src[d]));
+    if constexpr (std::is_same_v<scalar_t, compute_t>) {
+      std::copy(src, src + head_dim, dst);
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<compute_t>(static_cast<float>(src[d]));
+    }
+    std::fill(dst + head_dim, dst + padded_dim, compute_t(0.f));
   }
+  std::fill(out + rows * padded_dim, out + kBlock * padded_dim, compute_t(0.f));
 }
 
 // Fills the requested panels of x for every (head, tile), in parallel: `rows` (A operand), `rows_packed`
@@ -153,20 +157,21 @@ void build_panels(const TokenView<scalar_t>& x, const Tiles& tiles, int64_t head
 // ---------------------------------------------------------------------------------------------------
 // Vector pieces of the tile loops, compiled for each instruction set.
 
-// Online-softmax step for `rows` rows of a score tile S (leading dimension kBlock) over its first
-// `valid` columns (of `width`), in base 2: scale_log2 = scale * log2(e), and row_max is kept in that
+// Online-softmax step for `rows` rows of a score tile S (leading dimension ld, also that of the
+// probabilities) over its first `valid` columns (of `width`, a multiple of 16), in base 2: scale_log2 = scale * log2(e), and row_max is kept in that
 // domain. Updates the running max and sum, writes probabilities (zero past `valid`) and returns in
 // alpha the factor by which each row's output accumulator must be rescaled.
 template <typename compute_t>
-MMV_INLINE void softmax_step(const float* scores, int64_t rows, int64_t valid, int64_t width, float scale_log2,
-                             float* row_max, float* row_sum, float* alpha, compute_t* probs) {
+MMV_INLINE void softmax_step(const float* scores, int64_t rows, int64_t valid, int64_t width, int64_t ld,
+                             float scale_log2, float* row_max, float* row_sum, float* alpha, compute_t* probs) {
   constexpr int64_t L = simd::kLanes;
+  constexpr int kExpDegree = std::is_same_v<compute_t, float> ? 6 : 5;
   const VecF neg_inf = simd::broadcast(kNegInf);
   const int64_t full = valid / L * L;
   const VecF tail_valid = simd::kLaneIndex + static_cast<float>(full) < static_cast<float>(valid) ? VecF{} + 1.f : VecF{};
   for (int64_t r = 0; r < rows; ++r) {
-    const float* s = scores + r * kBlock;
-    compute_t* p_row = probs + r * kBlock;
+    const float* s = scores + r * ld;
+    compute_t* p_row = probs + r * ld;
     VecF vmax = neg_inf;
     for (int64_t c = 0; c < full; c += L) vmax = simd::vmax(vmax, simd::load(s + c) * scale_log2);
     VecF tail = neg_inf;
@@ -177,14 +182,14 @@ MMV_INLINE void softmax_step(const float* scores, int64_t rows, int64_t valid, i
     const float m_new = std::max(row_max[r], simd::hmax(vmax));
     VecF vsum = VecF{};
     for (int64_t c = 0; c < full; c += L) {
-      const VecF p = simd::exp2(simd::load(s + c) * scale_log2 - m_new);
+      const VecF p = simd::exp2<kExpDegree>(simd::load(s + c) * scale_log2 - m_new);
       vsum += p;
-      simd::store(p_row + c, p);
+      simd::store_computed(p_row + c, p);
     }
     for (int64_t c = full; c < width; c += L) {
-      const VecF p = c == full ? simd::exp2(tail - m_new) : VecF{};
+      const VecF p = c == full ? simd::exp2<kExpDegree>(tail - m_new) : VecF{};
       vsum += p;
-      simd::store(p_row + c, p);
+      simd::store_computed(p_row + c, p);
     }
     alpha[r] = row_max[r] == kNegInf ? 0.f : std::exp2(row_max[r] - m_new);
     row_sum[r] = row_sum[r] * alpha[r] + simd::hsum(vsum);
@@ -211,21 +216,23 @@ template <typename compute_t>
 MMV_INLINE void backward_step(const float* scores_t, const float* dprobs_t, int64_t keys, int64_t width,
                               float scale_log2, const float* lse_log2, const float* delta, compute_t* probs_t,
                               compute_t* dscores_t) {
+  constexpr int kExpDegree = std::is_same_v<compute_t, float> ? 6 : 5;
   for (int64_t r = 0; r < keys; ++r) {
     for (int64_t c = 0; c < width; c += simd::kLanes) {
-      const VecF p = simd::exp2(simd::load(scores_t + r * kBlock + c) * scale_log2 - simd::load(lse_log2 + c));
+      const VecF p =
+          simd::exp2<kExpDegree>(simd::load(scores_t + r * kBlock + c) * scale_log2 - simd::load(lse_log2 + c));
       const VecF ds = p * (simd::load(dprobs_t + r * kBlock + c) - simd::load(delta + c));
-      simd::store(probs_t + r * kBlock + c, p);
-      simd::store(dscores_t + r * kBlock + c, ds);
+      simd::store_computed(probs_t + r * kBlock + c, p);
+      simd::store_computed(dscores_t + r * kBlock + c, ds);
     }
   }
 }
 
 #define MMV_CLONED_STEPS(compute_t, suffix)                                                                 \
   MMV_CPU_CLONES void softmax_step_##suffix(const float* scores, int64_t rows, int64_t valid, int64_t width, \
-                                            float scale_log2, float* row_max, float* row_sum, float* alpha,  \
-                                            compute_t* probs) {                                              \
-    softmax_step(scores, rows, valid, width, scale_log2, row_max, row_sum, alpha, probs);                    \
+                                            int64_t ld, float scale_log2, float* row_max, float* row_sum,    \
+                                            float* alpha, compute_t* probs) {                                \
+    softmax_step(scores, rows, valid, width, ld, scale_log2, row_max, row_sum, alpha, probs);                \
   }                                                                                                          \
   MMV_CPU_CLONES void backward_step_##suffix(const float* scores_t, const float* dprobs_t, int64_t keys,     \
                                              int64_t width, float scale_log2, const float* lse_log2,         \
@@ -240,13 +247,13 @@ MMV_CPU_CLONES void scale_rows_cloned(float* acc, int64_t rows, int64_t padded_d
   scale_rows(acc, rows, padded_dim, alpha);
 }
 
-void softmax_step_any(const float* s, int64_t rows, int64_t valid, int64_t width, float k, float* m, float* l,
-                      float* alpha, float* p) {
-  softmax_step_f32(s, rows, valid, width, k, m, l, alpha, p);
+void softmax_step_any(const float* s, int64_t rows, int64_t valid, int64_t width, int64_t ld, float k, float* m,
+                      float* l, float* alpha, float* p) {
+  softmax_step_f32(s, rows, valid, width, ld, k, m, l, alpha, p);
 }
-void softmax_step_any(const float* s, int64_t rows, int64_t valid, int64_t width, float k, float* m, float* l,
-                      float* alpha, c10::BFloat16* p) {
-  softmax_step_bf16(s, rows, valid, width, k, m, l, alpha, p);
+void softmax_step_any(const float* s, int64_t rows, int64_t valid, int64_t width, int64_t ld, float k, float* m,
+                      float* l, float* alpha, c10::BFloat16* p) {
+  softmax_step_bf16(s, rows, valid, width, ld, k, m, l, alpha, p);
 }
 void backward_step_any(const float* st, const float* dpt, int64_t keys, int64_t width, float k, const float* lse,
                        const float* delta, float* pt, float* dst) {
@@ -267,24 +274,36 @@ template <typename scalar_t, typename compute_t>
 void forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Tiles& tiles, float scale,
                    at::Tensor& out, at::Tensor& lse) {
   const int64_t heads = q.size(1), head_dim = q.size(2), padded_dim = padded_head_dim(head_dim);
-  Panels<compute_t> q_rows(heads, tiles.count(), head_dim);
-  Panels<compute_t> k_cols(heads, tiles.count(), head_dim);
-  Panels<compute_t> v_rows_packed(heads, tiles.count(), head_dim);
+  const int64_t count = tiles.count();
+  Workspace::Scope scope(3 * Panels<compute_t>::bytes(heads, count, head_dim));
+  Panels<compute_t> q_rows(scope, heads, count, head_dim);
+  Panels<compute_t> k_cols(scope, heads, count, head_dim);
+  Panels<compute_t> v_rows_packed(scope, heads, count, head_dim);
   build_panels<scalar_t, compute_t>(view_of<scalar_t>(q), tiles, heads, head_dim, &q_rows, nullptr, nullptr, nullptr);
   build_panels<scalar_t, compute_t>(view_of<scalar_t>(k), tiles, heads, head_dim, nullptr, nullptr, nullptr, &k_cols);
   build_panels<scalar_t, compute_t>(view_of<scalar_t>(v), tiles, heads, head_dim, nullptr, &v_rows_packed, nullptr,
                                     nullptr);
 
-  // Items (head, query tile), longest sequence first.
-  std::vector<int64_t> items(heads * tiles.count());
-  std::iota(items.begin(), items.end(), 0);
-  std::stable_sort(items.begin(), items.end(), [&](int64_t a, int64_t b) {
-    return tiles.seq_length(tiles.tile_seq[a % tiles.count()]) > tiles.seq_length(tiles.tile_seq[b % tiles.count()]);
+  // Items (head, group of up to kQueryTiles consecutive query tiles of one sequence), longest sequence
+  // first. A group multiplies as one tall tile: fewer, larger products.
+  struct ForwardItem {
+    int64_t head, first_tile, num_tiles;
+  };
+  std::vector<ForwardItem> items;
+  for (int64_t b = 0; b < tiles.batch(); ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t g = tiles.first_tile[b]; g < tiles.first_tile[b + 1]; g += kQueryTiles)
+        items.push_back({h, g, std::min(kQueryTiles, tiles.first_tile[b + 1] - g)});
+  std::stable_sort(items.begin(), items.end(), [&](const ForwardItem& a, const ForwardItem& b) {
+    return tiles.seq_length(tiles.tile_seq[a.first_tile]) * a.num_tiles >
+           tiles.seq_length(tiles.tile_seq[b.first_tile]) * b.num_tiles;
   });
 
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   float* lse_ptr = lse.data_ptr<float>();
   const int64_t num_tokens = q.size(0);
+  constexpr int64_t kMaxRows = kQueryTiles * kBlock;
+  constexpr int64_t kMaxKeys = kKeyTiles * kBlock;
   struct Scratch {
     std::vector<float> scores, acc, row_max, row_sum, alpha;
     std::vector<compute_t> probs;
@@ -292,27 +311,34 @@ void forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   for_each_item_dynamic<compute_t>(
       static_cast<int64_t>(items.size()),
       [&] {
-        return Scratch{std::vector<float>(kBlock * kBlock), std::vector<float>(kBlock * padded_dim),
-                       std::vector<float>(kBlock),          std::vector<float>(kBlock),
-                       std::vector<float>(kBlock),          std::vector<compute_t>(kBlock * kBlock)};
+        return Scratch{std::vector<float>(kMaxRows * kMaxKeys), std::vector<float>(kMaxRows * padded_dim),
+                       std::vector<float>(kMaxRows),            std::vector<float>(kMaxRows),
+                       std::vector<float>(kMaxRows),            std::vector<compute_t>(kMaxRows * kMaxKeys)};
       },
       [&](Scratch& s, int64_t i) {
-        const int64_t item = items[i];
-        const int64_t h = item / tiles.count(), gq = item % tiles.count();
-        const int64_t b = tiles.tile_seq[gq];
-        const int64_t rows = tiles.rows(gq), q_begin = tiles.begin(gq);
-        std::fill(s.row_max.begin(), s.row_max.end(), kNegInf);
-        std::fill(s.row_sum.begin(), s.row_sum.end(), 0.f);
-        std::fill(s.acc.begin(), s.acc.end(), 0.f);
-        for (int64_t gk = tiles.first_tile[b]; gk < tiles.first_tile[b + 1]; ++gk) {
-          const int64_t keys = tiles.rows(gk), span = tiles.span(gk);
-          gemm_panel<compute_t>(rows, span, padded_dim, q_rows.at(h, gq), padded_dim, k_cols.at(h, gk),
-                                s.scores.data(), kBlock, false);
-          softmax_step_any(s.scores.data(), rows, keys, span, scale * kLog2e, s.row_max.data(), s.row_sum.data(),
-                           s.alpha.data(), s.probs.data());
+        const ForwardItem& item = items[i];
+        const int64_t h = item.head, g0 = item.first_tile, b = tiles.tile_seq[g0];
+        const int64_t last = g0 + item.num_tiles - 1;
+        // Tiles before the last of a sequence are full, so the panels of consecutive tiles continue one
+        // another: a group of query tiles is one tall A operand and a group of key tiles one wide B.
+        const int64_t rows = (item.num_tiles - 1) * kBlock + tiles.rows(last), q_begin = tiles.begin(g0);
+        std::fill_n(s.row_max.begin(), rows, kNegInf);
+        std::fill_n(s.row_sum.begin(), rows, 0.f);
+        std::fill_n(s.acc.begin(), rows * padded_dim, 0.f);
+        const int64_t seq_end_tile = tiles.first_tile[b + 1];
+        for (int64_t gk = tiles.first_tile[b]; gk < seq_end_tile; gk += kKeyTiles) {
+          const int64_t group = std::min(kKeyTiles, seq_end_tile - gk), group_last = gk + group - 1;
+          const int64_t keys = (group - 1) * kBlock + tiles.rows(group_last);
+          const int64_t width = (group - 1) * kBlock + tiles.span(group_last);
+          gemm_panel<compute_t>(rows, width, padded_dim, q_rows.at(h, g0), padded_dim, k_cols.at(h, gk),
+                                s.scores.data(), kMaxKeys, false);
+          softmax_step_any(s.scores.data(), rows, keys, width, kMaxKeys, scale * kLog2e, s.row_max.data(),
+                           s.row_sum.data(), s.alpha.data(), s.probs.data());
           scale_rows_cloned(s.acc.data(), rows, padded_dim, s.alpha.data());
-          gemm_panel<compute_t>(rows, padded_dim, span, s.probs.data(), kBlock, v_rows_packed.at(h, gk),
-                                s.acc.data(), padded_dim, true);
+          for (int64_t t = 0; t < group; ++t) {
+            gemm_panel<compute_t>(rows, padded_dim, tiles.span(gk + t), s.probs.data() + t * kBlock, kMaxKeys,
+                                  v_rows_packed.at(h, gk + t), s.acc.data(), padded_dim, true);
+          }
         }
         for (int64_t r = 0; r < rows; ++r) {
           const float inv = 1.f / s.row_sum[r];
@@ -359,18 +385,6 @@ void backward_tiled(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
     });
   }
 
-  const int64_t count = tiles.count();
-  Panels<compute_t> q_rows_packed(heads, count, head_dim), q_cols_packed(heads, count, head_dim);
-  Panels<compute_t> k_rows(heads, count, head_dim), k_cols(heads, count, head_dim);
-  Panels<compute_t> v_rows(heads, count, head_dim);
-  Panels<compute_t> do_rows_packed(heads, count, head_dim), do_cols_packed(heads, count, head_dim);
-  build_panels<scalar_t, compute_t>(view_of<scalar_t>(q), tiles, heads, head_dim, nullptr, &q_rows_packed, nullptr,
-                                    &q_cols_packed);
-  build_panels<scalar_t, compute_t>(view_of<scalar_t>(k), tiles, heads, head_dim, &k_rows, nullptr, &k_cols, nullptr);
-  build_panels<scalar_t, compute_t>(view_of<scalar_t>(v), tiles, heads, head_dim, &v_rows, nullptr, nullptr, nullptr);
-  build_panels<scalar_t, compute_t>(view_of<scalar_t>(dout), tiles, heads, head_dim, nullptr, &do_rows_packed,
-                                    nullptr, &do_cols_packed);
-
   // Split each sequence's key tiles so that no item costs much more than 1 / (4 * threads) of the work.
   double total_cost = 0;
   for (int64_t b = 0; b < tiles.batch(); ++b) total_cost += heads * double(tiles.seq_length(b)) * tiles.seq_length(b);
@@ -392,12 +406,29 @@ void backward_tiled(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   }
   std::stable_sort(items.begin(), items.end(), [](const BackwardItem& a, const BackwardItem& b) { return a.cost > b.cost; });
 
-  // dQ is accumulated transposed, one Dp x kBlock float tile per (split, head, query tile): the product
-  // dQ^T += K^T dS^T then needs no transpose of dS.
+  const int64_t count = tiles.count();
   const int64_t max_splits = *std::max_element(splits.begin(), splits.end());
   const int64_t dq_tile = padded_dim * kBlock;
-  at::Tensor dq_acc = at::zeros({max_splits, heads, count, dq_tile}, q.options().dtype(at::kFloat));
-  float* dq_acc_ptr = dq_acc.data_ptr<float>();
+  const size_t dq_acc_elems = static_cast<size_t>(max_splits * heads * count * dq_tile);
+  Workspace::Scope scope(7 * Panels<compute_t>::bytes(heads, count, head_dim) + Workspace::bytes_for<float>(dq_acc_elems));
+  Panels<compute_t> q_rows_packed(scope, heads, count, head_dim), q_cols_packed(scope, heads, count, head_dim);
+  Panels<compute_t> k_rows(scope, heads, count, head_dim), k_cols(scope, heads, count, head_dim);
+  Panels<compute_t> v_rows(scope, heads, count, head_dim);
+  Panels<compute_t> do_rows_packed(scope, heads, count, head_dim), do_cols_packed(scope, heads, count, head_dim);
+  build_panels<scalar_t, compute_t>(view_of<scalar_t>(q), tiles, heads, head_dim, nullptr, &q_rows_packed, nullptr,
+                                    &q_cols_packed);
+  build_panels<scalar_t, compute_t>(view_of<scalar_t>(k), tiles, heads, head_dim, &k_rows, nullptr, &k_cols, nullptr);
+  build_panels<scalar_t, compute_t>(view_of<scalar_t>(v), tiles, heads, head_dim, &v_rows, nullptr, nullptr, nullptr);
+  build_panels<scalar_t, compute_t>(view_of<scalar_t>(dout), tiles, heads, head_dim, nullptr, &do_rows_packed,
+                                    nullptr, &do_cols_packed);
+
+
+  // dQ is accumulated transposed, one Dp x kBlock float tile per (split, head, query tile): the product
+  // dQ^T += K^T dS^T then needs no transpose of dS.
+  float* dq_acc_ptr = scope.take<float>(dq_acc_elems);
+  at::parallel_for(0, static_cast<int64_t>(dq_acc_elems), 1 << 16, [&](int64_t begin, int64_t end) {
+    std::fill(dq_acc_ptr + begin, dq_acc_ptr + end, 0.f);
+  });
   auto dq_tile_at = [&](int64_t split, int64_t h, int64_t g) { return dq_acc_ptr + ((split * heads + h) * count + g) * dq_tile; };
   const float* lse_ptr = lse.data_ptr<float>();
   scalar_t* dk_ptr = dk.data_ptr<scalar_t>();

@@ -60,6 +60,15 @@ MMV_INLINE void store(c10::BFloat16* p, VecF v) {
   const VecU16 h = __builtin_convertvector(rounded, VecU16);
   std::memcpy(p, &h, sizeof(h));
 }
+// Round to nearest even without the NaN fix-up, for values computed by the kernel itself: their NaNs are
+// quiet NaNs, which the rounding carry cannot turn into infinities. Used on probability tiles.
+MMV_INLINE void store_computed(c10::BFloat16* p, VecF v) {
+  const VecU bits = reinterpret_cast<VecU>(v);
+  const VecU16 h = __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, VecU16);
+  std::memcpy(p, &h, sizeof(h));
+}
+MMV_INLINE void store_computed(float* p, VecF v) { store(p, v); }
+
 MMV_INLINE void store(c10::Half* p, VecF v) {
   const VecH h = __builtin_convertvector(v, VecH);
   std::memcpy(p, &h, sizeof(h));
@@ -86,10 +95,13 @@ MMV_INLINE float hmax(VecF v) {
   return v[0];
 }
 
-// 2^x for float32 lanes, x <= 127: 2^n * p(f) with n = round(x), |f| <= 1/2 and the degree-6 Taylor
-// polynomial of 2^f (relative error about 1.2e-7). Inputs below -126 give 0, which is what softmax
+// 2^x for float32 lanes, x <= 127: 2^n * p(f) with n = round(x), |f| <= 1/2 and the Taylor polynomial
+// of 2^f of degree kDegree: relative error about 1.2e-7 at degree 6 (float32 results), 2.3e-6 at
+// degree 5 (enough for results rounded to bfloat16). Inputs below -126 give 0, which is what softmax
 // wants of scores far below the row maximum (and of masked, -inf, scores); NaN stays NaN.
+template <int kDegree = 6>
 MMV_INLINE VecF exp2(VecF x) {
+  static_assert(kDegree == 5 || kDegree == 6, "exp2: degree 5 or 6");
   const VecF lo = broadcast(-126.f);
   const VecF clamped = vmax(x, lo);
   const VecF x_in = clamped < 127.f ? clamped : broadcast(127.f);
@@ -98,8 +110,8 @@ MMV_INLINE VecF exp2(VecF x) {
   const VecF n = shifted - 12582912.f;
   const VecI n_int = reinterpret_cast<VecI>(shifted) - 0x4B400000;
   const VecF f = x_in - n;
-  VecF p = broadcast(1.5403530393381606e-4f);  // ln2^6 / 6!
-  p = p * f + 1.3333558146428443e-3f;          // ln2^5 / 5!
+  VecF p = broadcast(1.3333558146428443e-3f);  // ln2^5 / 5!
+  if constexpr (kDegree == 6) p = 1.5403530393381606e-4f * f + p;  // ln2^6 / 6!
   p = p * f + 9.618129107628477e-3f;           // ln2^4 / 4!
   p = p * f + 5.550410866482158e-2f;           // ln2^3 / 3!
   p = p * f + 2.402265069591007e-1f;           // ln2^2 / 2!
