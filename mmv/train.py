@@ -1,0 +1,416 @@
+"""Self-supervised pretraining of :class:`mmv.Encoder` on mixed 2D and 3D batches (DINOv2 recipe).
+
+One optimiser step: the EMA teacher encodes the global views of every image of a token-budget batch;
+the student encodes all views at once in one pack (global views with iBOT block masks, local views
+whole); the loss is DINO on CLS tokens + iBOT on masked patch tokens + KoLeo on the global views' CLS.
+AdamW with a warm-up + cosine learning rate, a cosine weight-decay schedule, gradient clipping and
+gradient accumulation; bf16 autocast on GPU; DDP under ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+A run directory holds ``config.toml``-equivalent ``config.json``, ``metrics.jsonl`` (one JSON object per
+logged step), ``loss.png``, ``checkpoints/step_*.pt`` (the last K) and, at the end, ``encoder/`` (the
+teacher's encoder, loadable with :meth:`mmv.Encoder.from_pretrained`). Resuming restores model,
+teacher, optimiser, loss centres, the data position and every random generator, so a resumed run
+continues with exactly the losses of one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmv.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from mmv.data.sampler import TokenBudgetBatchSampler
+from mmv.model.config import EncoderConfig
+from mmv.model.encoder import Encoder
+from mmv.packing import PackedBatch
+from mmv.schedules import cosine_schedule, warmup_cosine_schedule
+from mmv.ssl.augment import CropSpec, MultiCrop
+from mmv.ssl.batch import MultiCropDataset, SeededBatchSampler, SslBatch, SslCollate
+from mmv.ssl.heads import DinoHead
+from mmv.ssl.losses import DinoLoss, IbotLoss, koleo_loss
+from mmv.ssl.teacher import EmaTeacher, teacher_momentum, teacher_temperature
+from mmv.tokenizer import Tokenizer
+from mmv.train_config import PretrainConfig
+
+__all__ = ["SslStudent", "SslObjective", "Trainer", "pretrain", "build_multicrop", "plot_losses"]
+
+LOSS_NAMES = ("loss", "dino", "ibot", "koleo")
+
+
+class SslStudent(nn.Module):
+    """The encoder with its DINO head and iBOT head (the same module when not separate).
+
+    ``forward(batch, token_mask, masked_rows)`` returns the encoder's CLS tokens ``(B, C)``, their DINO
+    scores ``(B, K)`` and the iBOT scores ``(M, K)`` of the patch tokens at ``masked_rows``.
+    """
+
+    def __init__(self, encoder: Encoder, dino_head: DinoHead, ibot_head: DinoHead | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head
+
+    def forward(self, batch: PackedBatch, token_mask: torch.Tensor | None, masked_rows: torch.Tensor):
+        out = self.encoder(batch, token_mask)
+        head = self.ibot_head if self.ibot_head is not None else self.dino_head
+        return out.cls, self.dino_head(out.cls), head(out.patch_tokens[masked_rows])
+
+
+@dataclass
+class StepLosses:
+    loss: torch.Tensor
+    dino: torch.Tensor
+    ibot: torch.Tensor
+    koleo: torch.Tensor
+
+
+class SslObjective(nn.Module):
+    """DINO + iBOT + KoLeo for one :class:`SslBatch`, given the student and the teacher."""
+
+    def __init__(self, config: PretrainConfig) -> None:
+        super().__init__()
+        ssl = config.ssl
+        normalisation = {"normalisation": ssl.normalisation}
+        self.dino = DinoLoss(ssl.num_prototypes, ssl.student_temperature, **normalisation)
+        self.ibot = IbotLoss(ssl.num_prototypes, ssl.student_temperature, **normalisation)
+        self.weights = (ssl.dino_weight, ssl.ibot_weight, ssl.koleo_weight)
+
+    def forward(self, student: nn.Module, teacher: EmaTeacher, batch: SslBatch, temperature: float) -> StepLosses:
+        num_images, num_global = batch.num_images, batch.num_global
+        masked_rows = torch.nonzero(batch.mask).flatten()
+        with torch.no_grad():
+            _, teacher_cls_scores, teacher_patch_scores = teacher(batch.teacher, None, masked_rows)
+            dino_targets = self.dino.targets(teacher_cls_scores, temperature)
+            ibot_targets = self.ibot.targets(teacher_patch_scores, temperature)
+        student_cls, student_cls_scores, student_patch_scores = student(batch.student, batch.student_mask(), masked_rows)
+        num_prototypes = student_cls_scores.shape[-1]
+        dino = self.dino(
+            student_cls_scores.view(batch.num_views, num_images, num_prototypes),
+            dino_targets.view(num_global, num_images, num_prototypes),
+        )
+        token_images = batch.teacher.sequence_ids()[masked_rows]
+        ibot = self.ibot(student_patch_scores, ibot_targets, token_images)
+        global_cls = student_cls[: num_global * num_images].view(num_global, num_images, -1)
+        koleo = torch.stack([koleo_loss(view) for view in global_cls]).mean()
+        dino_weight, ibot_weight, koleo_weight = self.weights
+        loss = dino_weight * dino + ibot_weight * ibot + koleo_weight * koleo
+        return StepLosses(loss, dino, ibot, koleo)
+
+
+def build_multicrop(config: PretrainConfig) -> MultiCrop:
+    """The :class:`MultiCrop` of the ``[augment]`` section."""
+    augment = config.augment
+    return MultiCrop(
+        global_crop=CropSpec(tuple(augment.global_size_2d), tuple(augment.global_size_3d), tuple(augment.global_scale), tuple(augment.aspect_ratio)),
+        local_crop=CropSpec(tuple(augment.local_size_2d), tuple(augment.local_size_3d), tuple(augment.local_scale), tuple(augment.aspect_ratio)),
+        num_global=augment.num_global,
+        num_local=augment.num_local,
+        contrast=tuple(augment.contrast),
+        brightness=tuple(augment.brightness),
+        blur_probability=augment.blur_probability,
+        blur_sigma_mm=tuple(augment.blur_sigma_mm),
+        noise_probability=augment.noise_probability,
+        noise_std=tuple(augment.noise_std),
+        flip_axes=tuple(augment.flip_axes),
+    )
+
+
+def _parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on biases, norms, tokens and LayerScale."""
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_token = name.endswith(("cls_token", "register_tokens", "mask_token"))
+        (no_decay if parameter.dim() < 2 or is_token else decay).append(parameter)
+    return [{"params": decay, "apply_decay": True}, {"params": no_decay, "apply_decay": False, "weight_decay": 0.0}]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path | None:
+    """Plot the losses of a ``metrics.jsonl`` against the step into a PNG; None when there is nothing yet."""
+    records = []
+    with open(metrics_path, encoding="utf-8") as stream:
+        records = [json.loads(line) for line in stream if line.strip()]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in records]
+    for name in LOSS_NAMES:
+        axes[0 if name == "loss" else 1].plot(steps, [r[name] for r in records], label=name)
+    axes[0].set_title("total loss")
+    axes[1].set_title("terms")
+    for axis in axes:
+        axis.set_xlabel("step")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return Path(out_path)
+
+
+class Trainer:
+    """Runs (or resumes) one pretraining run described by a :class:`PretrainConfig`.
+
+    Args:
+        config: the run's configuration.
+        dataset: the images (a dataset of :class:`mmv.data.Sample`); by default built from
+            ``config.data.sources``.
+        resume: continue from the latest checkpoint in ``<out_dir>/checkpoints`` when there is one.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here if it is not already:
+    gloo on CPU, NCCL on GPU. Only rank 0 writes files.
+    """
+
+    def __init__(self, config: PretrainConfig, dataset=None, resume: bool = False) -> None:
+        if not isinstance(config, PretrainConfig):
+            raise TypeError(f"Trainer: config must be a PretrainConfig, got {type(config).__name__}")
+        self.config = config
+        run, optim = config.run, config.optim
+        if run.num_threads is not None:
+            torch.set_num_threads(int(run.num_threads))
+        self.device = _resolve_device(run.device)
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.device.type == "cuda" and self.world_size > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        if optim.steps < 1 or optim.accumulation < 1:
+            raise ValueError(f"optim.steps and optim.accumulation must be positive, got {optim.steps} and {optim.accumulation}")
+        self.out_dir = Path(run.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+        torch.manual_seed(run.seed + self.rank)
+        encoder_config = EncoderConfig.from_preset(config.model.preset, **_tuples(config.model.options))
+        ssl = config.ssl
+        heads = [
+            DinoHead(encoder_config.embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers)
+            for _ in range(2 if ssl.separate_ibot_head else 1)
+        ]
+        self.student = SslStudent(Encoder(encoder_config), heads[0], heads[1] if len(heads) > 1 else None).to(self.device)
+        self.teacher = EmaTeacher(self.student).to(self.device)
+        self.objective = SslObjective(config).to(self.device)
+        self.model = self.student
+        if self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.AdamW(_parameter_groups(self.student), lr=optim.lr, betas=tuple(optim.betas))
+        self.last_layer_parameters = [p for head in heads for p in head.last_layer_parameters]
+
+        if dataset is None:
+            from mmv.pretrain_data import build_pretraining_sources
+
+            dataset = build_pretraining_sources(config.data)
+        tokenizer = Tokenizer(encoder_config.patch_size, drop_rate=config.augment.token_drop_rate)
+        self.dataset = MultiCropDataset(
+            dataset, build_multicrop(config), tokenizer, config.augment.mask_probability, tuple(config.augment.mask_ratio)
+        )
+        weights = dataset.sample_weights() if hasattr(dataset, "sample_weights") else None
+        batches = TokenBudgetBatchSampler(
+            self.dataset.token_counts(progress=run.progress and self.rank == 0),
+            config.data.max_tokens,
+            window=config.data.window,
+            seed=run.seed,
+            weights=weights,
+            max_images=config.data.max_images,
+            drop_last=True,
+        )
+        if len(batches) == 0:
+            raise ValueError("the data yields no batch per epoch: add images or lower data.max_tokens")
+        self.sampler = SeededBatchSampler(batches, run.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=SslCollate(),
+            num_workers=config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # Its own generator: each new epoch's iterator would otherwise draw from the global one,
+            # which a resumed run must find exactly as the uninterrupted run left it.
+            generator=torch.Generator().manual_seed(run.seed),
+        )
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        if resume:
+            latest = latest_checkpoint(self.checkpoint_dir)
+            if latest is not None:
+                self._restore(load_checkpoint(latest))
+
+    # ----------------------------------------------------------------------------------------------
+
+    def schedules(self, step: int) -> dict[str, float]:
+        """Learning rate, weight decay, teacher momentum and teacher temperature at optimiser step ``step``."""
+        optim, ssl = self.config.optim, self.config.ssl
+        total = optim.steps
+        return {
+            "lr": warmup_cosine_schedule(step, total, optim.lr, optim.min_lr, min(optim.warmup_steps, total - 1)),
+            "weight_decay": cosine_schedule(step, total, *optim.weight_decay),
+            "momentum": teacher_momentum(step, total, *ssl.momentum),
+            "teacher_temperature": teacher_temperature(step, ssl.teacher_temperature_warmup_steps, *ssl.teacher_temperature),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = capture_rng_state()
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        return {
+            "format": "mmv-pretrain-checkpoint",
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "config": json.dumps(self.config.to_dict()),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != "mmv-pretrain-checkpoint":
+            raise ValueError("the checkpoint is not an mmv pretraining checkpoint")
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        rng_states = state["rng"]
+        if len(rng_states) != self.world_size:
+            raise ValueError(f"the checkpoint holds random states of {len(rng_states)} processes, this run has {self.world_size}")
+        restore_rng_state(rng_states[self.rank])
+
+    def _save(self) -> None:
+        state = self.state_dict()
+        if self.rank == 0:
+            save_checkpoint(self.checkpoint_dir, self.step, state, self.config.run.keep_checkpoints)
+            plot_losses(self.metrics_path, self.out_dir / "loss.png")
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _batches(self):
+        """Micro-batches from the current data position onward, epoch after epoch."""
+        while True:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            for batch in self.loader:
+                self.batch_in_epoch += 1
+                if batch is not None:
+                    yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _apply_schedules(self, values: dict[str, float]) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = values["lr"]
+            if group["apply_decay"]:
+                group["weight_decay"] = values["weight_decay"]
+
+    def train(self, until_step: int | None = None) -> list[dict[str, float]]:
+        """Train until ``optim.steps`` optimiser steps (or stop at ``until_step``, checkpointed, to be resumed);
+        returns the per-step metrics of this call.
+
+        Writes metrics, checkpoints, the loss plot and, once the run is complete, the teacher's encoder
+        (rank 0).
+        """
+        config, run, optim = self.config, self.config.run, self.config.optim
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+            if self.step == 0:
+                self.metrics_path.write_text("", encoding="utf-8")
+        self.student.train()
+        autocast = torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda" and run.bf16
+        )
+        history: list[dict[str, float]] = []
+        progress = tqdm(
+            total=optim.steps, initial=self.step, desc="pretrain", disable=not (run.progress and self.rank == 0)
+        )
+        last_step = optim.steps if until_step is None else min(int(until_step), optim.steps)
+        batches = self._batches()
+        started = time.perf_counter()
+        while self.step < last_step:
+            values = self.schedules(self.step)
+            self._apply_schedules(values)
+            sums = dict.fromkeys(LOSS_NAMES, 0.0)
+            tokens = 0
+            for micro in range(optim.accumulation):
+                batch = next(batches).to(self.device, non_blocking=True)
+                final_micro = micro == optim.accumulation - 1
+                sync = final_micro or self.world_size == 1
+                context = self.model.no_sync() if not sync else contextlib.nullcontext()
+                with context, autocast:
+                    losses = self.objective(self.model, self.teacher, batch, values["teacher_temperature"])
+                    (losses.loss / optim.accumulation).backward()
+                for name in LOSS_NAMES:
+                    sums[name] += float(getattr(losses, name).detach()) / optim.accumulation
+                tokens += batch.student.num_tokens
+            if not all(math.isfinite(v) for v in sums.values()):
+                raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
+            if self.step < optim.freeze_last_layer_steps:
+                for parameter in self.last_layer_parameters:
+                    parameter.grad = None
+            grad_norm = float("nan")
+            if optim.clip_grad is not None:
+                grad_norm = float(nn.utils.clip_grad_norm_(self.student.parameters(), optim.clip_grad))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.teacher.update(self.student, values["momentum"])
+            self.step += 1
+            elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            record = {"step": self.step, "epoch": self.epoch, **sums, **values, "grad_norm": grad_norm,
+                      "tokens": tokens * self.world_size, "tokens_per_s": tokens * self.world_size / max(elapsed, 1e-9)}
+            history.append(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self.rank == 0 and (self.step % run.log_every == 0 or self.step == optim.steps):
+                with open(self.metrics_path, "a", encoding="utf-8") as stream:
+                    stream.write(json.dumps(record) + "\n")
+            if self.step % run.checkpoint_every == 0 or self.step == last_step:
+                self._save()
+        progress.close()
+        if self.rank == 0 and self.step == optim.steps:
+            self.teacher.module.encoder.save_pretrained(self.out_dir / "encoder")
+        return history
+
+
+def _tuples(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def pretrain(config: PretrainConfig, dataset=None, resume: bool = False) -> Path:
+    """Run (or resume) pretraining; returns the directory of the saved encoder."""
+    trainer = Trainer(config, dataset=dataset, resume=resume)
+    trainer.train()
+    return trainer.out_dir / "encoder"

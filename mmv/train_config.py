@@ -1,0 +1,233 @@
+"""The configuration of a pretraining run: sections of typed fields, read from TOML with overrides.
+
+A run config is a TOML file with the sections ``[model]``, ``[data]``, ``[augment]``, ``[ssl]``,
+``[optim]`` and ``[run]`` (see each dataclass below for its fields and defaults). Unknown sections or keys
+raise a ValueError naming them. Overrides are ``section.key=value`` strings whose value is read as TOML
+(``optim.lr=1e-3``, ``run.out_dir="runs/a"``, ``augment.global_size_3d=[64, 64, 64]``), falling back to
+a bare string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "AugmentConfig",
+    "SslConfig",
+    "OptimConfig",
+    "RunSettings",
+    "PretrainConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The encoder: a preset (``vit_tiny``, ``vit_small``, ...) and overrides of its config fields."""
+
+    preset: str = "vit_small"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are batched.
+
+    ``sources`` is a list of tables, each with ``kind`` (``manifest``, ``mimic``, ``chexpert``, ``ctrate``),
+    ``path`` (the manifest CSV or the data set root), optional ``weight`` (share of samples), ``split``
+    (manifest rows of that ``split`` column value only; the data set's split otherwise) and ``id_column``.
+    CT is windowed and resampled to ``ct_spacing``; X-rays resized to ``xray_spacing`` mm pixels or to
+    ``xray_short_side`` pixels.
+    """
+
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    ct_spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    xray_spacing: float | None = None
+    xray_short_side: int | None = 512
+    max_tokens: int = 16384
+    max_images: int | None = None
+    window: int = 256
+    num_workers: int = 0
+    cache_dir: str | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Multi-crop views (see :class:`mmv.ssl.augment.MultiCrop`), token dropping and iBOT masking."""
+
+    num_global: int = 2
+    num_local: int = 8
+    global_size_2d: tuple[int, int] = (224, 224)
+    global_size_3d: tuple[int, int, int] = (96, 96, 96)
+    local_size_2d: tuple[int, int] = (96, 96)
+    local_size_3d: tuple[int, int, int] = (48, 48, 48)
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    aspect_ratio: tuple[float, float] = (0.75, 4 / 3)
+    contrast: tuple[float, float] = (0.8, 1.2)
+    brightness: tuple[float, float] = (-0.1, 0.1)
+    blur_probability: float = 0.5
+    blur_sigma_mm: tuple[float, float] = (0.5, 4.0)
+    noise_probability: float = 0.5
+    noise_std: tuple[float, float] = (0.0, 0.05)
+    flip_axes: tuple[str, ...] = ()
+    token_drop_rate: float = 0.0
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+
+
+@dataclass
+class SslConfig:
+    """Heads, losses and teacher of the DINOv2 objective."""
+
+    num_prototypes: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    separate_ibot_head: bool = True
+    normalisation: str = "centering"
+    student_temperature: float = 0.1
+    teacher_temperature: tuple[float, float] = (0.04, 0.07)
+    teacher_temperature_warmup_steps: int = 300
+    momentum: tuple[float, float] = (0.992, 1.0)
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warm-up + cosine learning rate and a cosine weight-decay schedule."""
+
+    steps: int = 1000
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: tuple[float, float] = (0.04, 0.4)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = 3.0
+    accumulation: int = 1
+    freeze_last_layer_steps: int = 0
+
+
+@dataclass
+class RunSettings:
+    """Where and how the run executes."""
+
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    num_threads: int | None = None
+    progress: bool = True
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "ssl": SslConfig,
+    "optim": OptimConfig,
+    "run": RunSettings,
+}
+
+
+@dataclass
+class PretrainConfig:
+    """A whole run's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ssl: SslConfig = field(default_factory=SslConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
+        """A config from nested dicts (a parsed TOML file); unknown sections or keys raise ValueError."""
+        if not isinstance(values, dict):
+            raise TypeError(f"PretrainConfig: values must be a dict of sections, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"PretrainConfig: unknown section(s) {unknown}; sections are {sorted(_SECTIONS)}")
+        sections = {}
+        for name, section_class in _SECTIONS.items():
+            section = values.get(name, {})
+            if not isinstance(section, dict):
+                raise TypeError(f"PretrainConfig: [{name}] must be a table, got {type(section).__name__}")
+            known = {f.name: f for f in dataclasses.fields(section_class)}
+            unknown = sorted(set(section) - set(known))
+            if unknown:
+                raise ValueError(f"PretrainConfig: unknown key(s) {unknown} in [{name}]; keys are {sorted(known)}")
+            sections[name] = section_class(**{k: _as_field_value(v, known[k]) for k, v in section.items()})
+        return cls(**sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts and lists (JSON and TOML ready)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _as_field_value(value: Any, spec: dataclasses.Field) -> Any:
+    # TOML has arrays, not tuples: fields declared as tuples take them as tuples.
+    if isinstance(value, list) and "tuple" in str(spec.type):
+        return tuple(value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``values`` (nested dicts) with ``section.key=value`` overrides applied; returns a new dict."""
+    result = {name: dict(section) if isinstance(section, dict) else section for name, section in values.items()}
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        path = key.strip().split(".")
+        if not separator or len(path) < 2 or not all(path):
+            raise ValueError(f"override must look like section.key=value, got {override!r}")
+        try:
+            value = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        target = result.setdefault(path[0], {})
+        for part in path[1:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """Read a TOML run config (or start from the defaults when ``path`` is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not a valid TOML file ({error})") from error
+    return PretrainConfig.from_dict(apply_overrides(values, overrides))
