@@ -1,0 +1,128 @@
+"""Saving and loading encoder weights without executing code: config as JSON, weights as safetensors.
+
+Where the ``safetensors`` package is missing, weights are written with ``torch.save`` and read back with
+``torch.load(weights_only=True)``, which also never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "CONFIG_NAME", "SAFETENSORS_NAME", "TORCH_NAME", "write_checkpoint", "read_checkpoint", "check_state_dict"]
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+TORCH_NAME = "model.pt"
+
+try:
+    import safetensors.torch as safetensors_torch
+except ImportError:  # an optional dependency: fall back to torch.save / weights_only loading
+    safetensors_torch = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, truncated, or holds weights that do not fit the model."""
+
+    def __init__(self, path: str | os.PathLike, message: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+def write_checkpoint(directory: str | os.PathLike, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write ``config.json`` and the weights into ``directory`` (created if needed); returns the weights path.
+
+    Each file is written under a temporary name and renamed, so a crash never leaves a half-written one.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    config_path = directory / CONFIG_NAME
+    _atomic_write(config_path, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    if safetensors_torch is not None:
+        weights_path, stale_path = directory / SAFETENSORS_NAME, directory / TORCH_NAME
+        _atomic_write(weights_path, lambda path: safetensors_torch.save_file(tensors, str(path), metadata={"format": "pt"}))
+    else:
+        weights_path, stale_path = directory / TORCH_NAME, directory / SAFETENSORS_NAME
+        _atomic_write(weights_path, lambda path: torch.save(tensors, path))
+    # Weights of the other format from an earlier save would otherwise shadow or outlive these.
+    stale_path.unlink(missing_ok=True)
+    return weights_path
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """Read ``(config, state_dict on the CPU, weights path)`` from a directory written by :func:`write_checkpoint`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: the checkpoint has no {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(config_path, f"cannot read the config as JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(config_path, f"the config must be a JSON object, got {type(config).__name__}")
+    safetensors_path = directory / SAFETENSORS_NAME
+    torch_path = directory / TORCH_NAME
+    if safetensors_path.is_file():
+        if safetensors_torch is None:
+            raise CheckpointError(safetensors_path, "reading it needs the safetensors package (pip install safetensors)")
+        return config, _load_safetensors(safetensors_path), safetensors_path
+    if torch_path.is_file():
+        return config, _load_torch(torch_path), torch_path
+    raise FileNotFoundError(f"{directory}: the checkpoint has neither {SAFETENSORS_NAME} nor {TORCH_NAME}")
+
+
+def check_state_dict(path: Path, loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointError` unless ``loaded`` has exactly the names and shapes of ``expected``."""
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            path, f"the weights do not match the model: missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    for name, tensor in loaded.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                path, f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(path, f"weight {name!r} must be floating point, got {tensor.dtype}")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors_torch.load_file(str(path), device="cpu")
+    except Exception as error:  # SafetensorError, OSError, ...: all mean the file is not usable
+        raise CheckpointError(path, f"cannot read the weights ({type(error).__name__}: {error})") from error
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle error, refused type: all mean the file is not usable
+        raise CheckpointError(path, f"cannot read the weights ({type(error).__name__}: {error})") from error
+    if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+        raise CheckpointError(path, "the file must hold a dict of tensors")
+    return loaded
+
+
+def _atomic_write(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"[{shown}{more}]" if names else "none"

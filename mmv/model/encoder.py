@@ -1,0 +1,292 @@
+"""``mmv.Encoder``: one Vision Transformer over packed 2D and 3D token sequences.
+
+Every image becomes its own sequence in one packed stream: its CLS token and optional register
+tokens, then its patch tokens. Attention never crosses sequences (``packed_attention``), and positions
+enter only through 3D rotary embeddings of physical token coordinates (``rope3d``), so 2D and 3D
+images, of any size, share every weight.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmv.image import Image
+from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict, read_checkpoint, write_checkpoint
+from mmv.model.config import EncoderConfig
+from mmv.model.layers import Block, LayerScale, PackedContext, PatchEmbed
+from mmv.ops import rope_freqs
+from mmv.packing import PackedBatch, pack, prefix_layout, unpack
+from mmv.tokenizer import Tokenizer, as_image
+
+__all__ = ["Encoder", "EncoderOutput"]
+
+
+@dataclass
+class EncoderOutput:
+    """What :class:`Encoder` returns for a batch of B images with T patch tokens in all.
+
+    Attributes:
+        cls: ``(B, C)``, the final CLS token of each image.
+        patch_tokens: ``(T, C)``, the final patch tokens, packed in the order of ``batch``.
+        pooled: ``(B, C)``, the mean patch token of each image (NaN for an image with no tokens).
+        registers: ``(B, num_registers, C)``, the final register tokens.
+        cu_seqlens: int32 ``(B + 1,)``: image b owns ``patch_tokens[cu_seqlens[b]:cu_seqlens[b + 1]]``.
+        batch: the :class:`PackedBatch` that was encoded (grid shapes, kept indices, modalities).
+    """
+
+    cls: torch.Tensor
+    patch_tokens: torch.Tensor
+    pooled: torch.Tensor
+    registers: torch.Tensor
+    cu_seqlens: torch.Tensor
+    batch: PackedBatch
+
+    def split(self) -> list[torch.Tensor]:
+        """The patch tokens of each image, ``(L_b, C)``, in packed order."""
+        return self.batch.split(self.patch_tokens)
+
+    def unpack(self) -> list[torch.Tensor]:
+        """The patch tokens of each image on its token grid: ``(gz, gy, gx, C)`` for a volume,
+        ``(gy, gx, C)`` for a 2D image, with NaN where a token was dropped."""
+        return unpack(self.batch, self.patch_tokens)
+
+
+class Encoder(nn.Module):
+    """A ViT over packed token sequences of 2D images and volumes.
+
+    Args:
+        config: the hyperparameters; see :class:`EncoderConfig` and :meth:`from_preset`.
+
+    Call it on a list of :class:`mmv.Image` (or arrays, read with 1 mm spacing), or on a
+    :class:`PackedBatch` from a data loader; it returns an :class:`EncoderOutput`::
+
+        enc = Encoder.from_preset("vit_small")
+        out = enc([Image(xray, (0.2, 0.2)), Image(ct, (1.5, 1.0, 1.0))])
+        out.cls, out.pooled, out.unpack()
+    """
+
+    def __init__(self, config: EncoderConfig | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = EncoderConfig()
+        if not isinstance(config, EncoderConfig):
+            raise TypeError(f"Encoder: config must be an EncoderConfig, got {type(config).__name__}")
+        self.config = config
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed(dim, config.patch_size)
+        self.cls_token = nn.Parameter(torch.empty(1, dim))
+        if config.num_registers:
+            self.register_tokens = nn.Parameter(torch.empty(config.num_registers, dim))
+        else:
+            self.register_parameter("register_tokens", None)
+        # Replaces the embedding of masked patch tokens (masked image modelling).
+        self.mask_token = nn.Parameter(torch.empty(dim))
+        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
+        drop_path_rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                config.num_heads,
+                config.mlp_ratio,
+                config.mlp,
+                config.qkv_bias,
+                config.qk_norm,
+                config.layer_scale_init,
+                rate,
+                config.norm_eps,
+            )
+            for rate in drop_path_rates
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.register_buffer("rope_freqs", self._rope_freqs(), persistent=False)
+        self.tokenizer = Tokenizer(config.patch_size)
+        self.init_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> Encoder:
+        """A freshly initialised encoder of a named size (``vit_tiny``, ``vit_small``, ``vit_base``,
+        ``vit_large``); keyword arguments override config fields."""
+        return cls(EncoderConfig.from_preset(name, **overrides))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS plus register tokens at the start of every sequence."""
+        return 1 + self.config.num_registers
+
+    def init_weights(self) -> None:
+        """Initialise as timm's ViT: linear layers truncated normal (std 0.02) with zero bias, CLS and
+        registers normal (std 1e-6), the patch embedding as a convolution, LayerScale constant."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm | PatchEmbed | LayerScale):
+                module.reset_parameters()
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+
+    def _rope_freqs(self, device: torch.device | str | None = None) -> torch.Tensor:
+        config = self.config
+        return rope_freqs(config.head_dim, config.rope_sections, config.rope_base, device=device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # The rotary frequencies stay float32 whatever dtype the weights are cast to.
+        self.rope_freqs = self._rope_freqs(self.rope_freqs.device)
+        return self
+
+    # ----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        inputs: PackedBatch | Sequence[Image | torch.Tensor],
+        token_mask: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """Encode a batch.
+
+        Args:
+            inputs: a :class:`PackedBatch` whose patch size is ``config.patch_size``, or a list of
+                :class:`mmv.Image` / arrays (tokenised here, without dropping any token).
+            token_mask: optional bool ``(T,)`` over the packed patch tokens; True replaces a token's
+                embedding by the learned mask token (masked image modelling).
+
+        Returns:
+            An :class:`EncoderOutput`.
+        """
+        batch, token_mask = self._prepare(inputs, token_mask)
+        cls, registers, patch_tokens, pooled = self._encode(
+            batch.patches_2d,
+            batch.patches_3d,
+            batch.rows_2d,
+            batch.rows_3d,
+            batch.coords_mm,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            not batch.validated,
+            token_mask,
+        )
+        return EncoderOutput(cls, patch_tokens, pooled, registers, batch.cu_seqlens, batch)
+
+    @torch.compiler.disable
+    def _prepare(self, inputs, token_mask) -> tuple[PackedBatch, torch.Tensor | None]:
+        """Tokenise and pack a list of images, check a batch against the config, move it to the weights."""
+        device = self.cls_token.device
+        if isinstance(inputs, PackedBatch):
+            batch = inputs
+            if batch.patch_size != self.config.patch_size:
+                raise ValueError(
+                    f"Encoder: inputs was packed with patch_size {batch.patch_size}, the encoder's is "
+                    f"{self.config.patch_size}"
+                )
+        elif isinstance(inputs, Sequence) and not isinstance(inputs, str):
+            if len(inputs) == 0:
+                raise ValueError("Encoder: inputs must hold at least one image, got an empty list")
+            images = [as_image(image, f"inputs[{i}]") for i, image in enumerate(inputs)]
+            batch = pack([self.tokenizer(image) for image in images])
+        else:
+            raise TypeError(
+                f"Encoder: inputs must be a PackedBatch or a list of mmv.Image / tensors, got {type(inputs).__name__}"
+            )
+        if batch.device != device:
+            batch = batch.to(device)
+        if token_mask is not None:
+            if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+                raise TypeError(f"Encoder: token_mask must be a bool tensor, got {getattr(token_mask, 'dtype', type(token_mask))}")
+            if tuple(token_mask.shape) != (batch.num_tokens,):
+                raise ValueError(
+                    f"Encoder: token_mask must have shape ({batch.num_tokens},) (one per patch token), "
+                    f"got {tuple(token_mask.shape)}"
+                )
+            token_mask = token_mask.to(device)
+        return batch, token_mask
+
+    def _encode(
+        self,
+        patches_2d: torch.Tensor,
+        patches_3d: torch.Tensor,
+        rows_2d: torch.Tensor,
+        rows_3d: torch.Tensor,
+        coords_mm: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        validate: bool,
+        token_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Only tensors and plain numbers in here: sizes come from tensor shapes, so torch.compile can keep
+        # them symbolic instead of recompiling for every new number of images.
+        config = self.config
+        num_images = cu_seqlens.shape[0] - 1
+        num_tokens = coords_mm.shape[0]
+        num_prefix = self.num_prefix_tokens
+        layout = prefix_layout(cu_seqlens, num_tokens, max_seqlen, num_prefix)
+        num_rows = num_tokens + num_images * num_prefix
+
+        embedded_2d, embedded_3d = self.patch_embed(patches_2d, patches_3d)
+        prefix = self.cls_token if self.register_tokens is None else torch.cat((self.cls_token, self.register_tokens))
+        x = embedded_3d.new_zeros(num_rows, config.embed_dim)
+        x = x.index_copy(0, layout.patch_rows[rows_2d], embedded_2d)
+        x = x.index_copy(0, layout.patch_rows[rows_3d], embedded_3d)
+        x = x.index_copy(0, layout.prefix_rows.flatten(), prefix.to(x.dtype).repeat(num_images, 1))
+        if token_mask is not None:
+            masked_rows = torch.zeros(num_rows, dtype=torch.bool, device=x.device)
+            masked_rows = masked_rows.index_copy(0, layout.patch_rows, token_mask)
+            x = torch.where(masked_rows[:, None], self.mask_token.to(x.dtype), x)
+
+        coords = torch.zeros(num_rows, 3, dtype=torch.float32, device=x.device)
+        coords = coords.index_copy(0, layout.patch_rows, coords_mm / config.coordinate_unit_mm)
+        context = PackedContext(
+            cu_seqlens=layout.cu_seqlens,
+            max_seqlen=layout.max_seqlen,
+            coords=coords,
+            freqs=self.rope_freqs,
+            sections=config.rope_sections,
+            sequence_ids=layout.sequence_ids,
+            num_sequences=num_images,
+            validate=validate,
+        )
+        for block in self.blocks:
+            x = block(x, context)
+        x = self.norm(x)
+
+        cls = x[layout.prefix_rows[:, 0]]
+        registers = x[layout.prefix_rows[:, 1:]]
+        patch_tokens = x[layout.patch_rows]
+        token_image = layout.sequence_ids[layout.patch_rows]
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(patch_tokens.dtype)
+        pooled = patch_tokens.new_zeros(num_images, config.embed_dim).index_add(0, token_image, patch_tokens)
+        pooled = pooled / counts[:, None]
+        return cls, registers, patch_tokens, pooled
+
+    # ----------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and the weights (``model.safetensors``) into ``directory``."""
+        write_checkpoint(directory, self.config.to_dict(), self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: torch.device | str = "cpu") -> Encoder:
+        """Load an encoder written by :meth:`save_pretrained`, in eval mode, without executing code.
+
+        Raises:
+            FileNotFoundError: the directory, its config or its weights are missing.
+            CheckpointError: a file is unreadable or truncated, or the weights do not fit the config.
+        """
+        config_values, state_dict, weights_path = read_checkpoint(directory)
+        config_path = os.path.join(directory, CONFIG_NAME)
+        try:
+            config = EncoderConfig.from_dict(config_values)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(config_path, f"invalid encoder config ({error})") from error
+        encoder = cls(config)
+        check_state_dict(weights_path, state_dict, encoder.state_dict())
+        encoder.load_state_dict(state_dict)
+        return encoder.to(map_location).eval()
