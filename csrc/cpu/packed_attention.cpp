@@ -35,6 +35,7 @@ using simd::VecF;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kQueryTiles = 4;  // query tiles per forward item
 constexpr int64_t kKeyTiles = 8;    // key tiles per softmax step of the forward
+constexpr int64_t kKeyGroup = 4;    // key tiles per product of the backward
 
 // The packed batch cut into tiles of kBlock tokens; tiles never straddle two sequences.
 struct Tiles {
@@ -435,6 +436,8 @@ void backward_tiled(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   scalar_t* dv_ptr = dv.data_ptr<scalar_t>();
   const float scale_log2 = scale * kLog2e;
 
+  // Key tiles are processed in groups of up to kKeyGroup: one tall A operand per product.
+  constexpr int64_t kMaxKeys = kKeyGroup * kBlock;
   struct Scratch {
     std::vector<float> scores_t, dprobs_t, dk_acc, dv_acc, lse_tile, delta_tile;
     std::vector<compute_t> probs_t, dscores_t, dscores_t_packed;
@@ -442,20 +445,22 @@ void backward_tiled(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   for_each_item_dynamic<compute_t>(
       static_cast<int64_t>(items.size()),
       [&] {
-        const size_t tile = kBlock * kBlock, acc = kBlock * padded_dim;
+        const size_t tile = kMaxKeys * kBlock, acc = kMaxKeys * padded_dim;
         return Scratch{std::vector<float>(tile),     std::vector<float>(tile),     std::vector<float>(acc),
                        std::vector<float>(acc),      std::vector<float>(kBlock),   std::vector<float>(kBlock),
-                       std::vector<compute_t>(tile), std::vector<compute_t>(tile), std::vector<compute_t>(tile)};
+                       std::vector<compute_t>(tile), std::vector<compute_t>(tile), std::vector<compute_t>(kBlock * kBlock)};
       },
       [&](Scratch& s, int64_t i) {
         const BackwardItem& item = items[i];
         const int64_t h = item.head;
-        for (int64_t gk = item.first_tile; gk < item.end_tile; ++gk) {
-          const int64_t keys = tiles.rows(gk), key_span = tiles.span(gk), k_begin = tiles.begin(gk);
-          std::fill(s.dk_acc.begin(), s.dk_acc.end(), 0.f);
-          std::fill(s.dv_acc.begin(), s.dv_acc.end(), 0.f);
-          // dS^T rows past the tile's keys meet zero columns of K^T in the dQ product; keep them zero.
-          std::fill(s.dscores_t.begin() + keys * kBlock, s.dscores_t.end(), compute_t(0.f));
+        for (int64_t gk = item.first_tile; gk < item.end_tile; gk += kKeyGroup) {
+          const int64_t group = std::min(kKeyGroup, item.end_tile - gk), group_last = gk + group - 1;
+          const int64_t keys = (group - 1) * kBlock + tiles.rows(group_last), k_begin = tiles.begin(gk);
+          const int64_t key_rows_span = (group - 1) * kBlock + tiles.span(group_last);
+          std::fill_n(s.dk_acc.begin(), keys * padded_dim, 0.f);
+          std::fill_n(s.dv_acc.begin(), keys * padded_dim, 0.f);
+          // dS^T rows past the group's keys meet zero columns of K^T in the dQ product; keep them zero.
+          std::fill(s.dscores_t.begin() + keys * kBlock, s.dscores_t.begin() + key_rows_span * kBlock, compute_t(0.f));
           for (int64_t gq = tiles.first_tile[item.seq]; gq < tiles.first_tile[item.seq + 1]; ++gq) {
             const int64_t queries = tiles.rows(gq), query_span = tiles.span(gq), q_begin = tiles.begin(gq);
             for (int64_t c = 0; c < kBlock; ++c) {
@@ -473,15 +478,19 @@ void backward_tiled(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                                   s.dv_acc.data(), padded_dim, true);
             gemm_panel<compute_t>(keys, padded_dim, query_span, s.dscores_t.data(), kBlock,
                                   q_rows_packed.at(h, gq), s.dk_acc.data(), padded_dim, true);
-            // dQ^T (Dp x queries) += K^T (Dp x keys) * dS^T (keys x queries).
+            // dQ^T (Dp x queries) += K^T (Dp x keys) * dS^T (keys x queries), one key tile at a time.
             float* dq_t = dq_tile_at(item.split, h, gq);
-            if constexpr (uses_vnni<compute_t>()) {
-              pack_panel(s.dscores_t.data(), kBlock, key_span, query_span, s.dscores_t_packed.data());
-              gemm_panel<compute_t>(padded_dim, query_span, key_span, k_cols.at(h, gk), kBlock,
-                                    s.dscores_t_packed.data(), dq_t, kBlock, true);
-            } else {
-              at::native::cpublas::brgemm(padded_dim, query_span, key_span, kBlock, kBlock, kBlock, true,
-                                          k_cols.at(h, gk), s.dscores_t.data(), dq_t, false);
+            for (int64_t t = 0; t < group; ++t) {
+              const int64_t key_span = tiles.span(gk + t);
+              const compute_t* ds_t = s.dscores_t.data() + t * kBlock * kBlock;
+              if constexpr (uses_vnni<compute_t>()) {
+                pack_panel(ds_t, kBlock, key_span, query_span, s.dscores_t_packed.data());
+                gemm_panel<compute_t>(padded_dim, query_span, key_span, k_cols.at(h, gk + t), kBlock,
+                                      s.dscores_t_packed.data(), dq_t, kBlock, true);
+              } else {
+                at::native::cpublas::brgemm(padded_dim, query_span, key_span, kBlock, kBlock, kBlock, true,
+                                            k_cols.at(h, gk + t), ds_t, dq_t, false);
+              }
             }
           }
           for (int64_t r = 0; r < keys; ++r) {
