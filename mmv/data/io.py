@@ -335,16 +335,16 @@ def _read_file(path: Path, frame: int | None, with_pixels: bool) -> Image | Imag
         reader.Update()
     except RuntimeError as error:
         raise ImageReadError(path, f"unreadable {format_name} pixel data: {_itk_reason(error)}") from None
-    itk_image = reader.GetOutput()
-    voxels = itk.array_view_from_image(itk_image)
+    itk_buffer = itk.array_view_from_image(reader.GetOutput())
+    voxels = itk_buffer
     if axes > image_axes:
         voxels = voxels.reshape((frames, *voxels.shape[axes - image_axes :]))[frame or 0]
-    voxels = np.array(voxels, dtype=np.float32)  # own the memory before the ITK image goes away
-    del itk_image, reader
-
     if image_axes == 2:
-        return Image(torch.from_numpy(voxels), _zyx(geometry.spacing), modality)
-    voxels, spacing = _to_canonical(voxels, geometry)
+        spacing = _zyx(geometry.spacing)
+    else:
+        voxels, spacing = _to_canonical(voxels, geometry)
+    if np.shares_memory(voxels, itk_buffer):
+        voxels = voxels.copy()  # the ITK buffer goes away with the reader
     return Image(torch.from_numpy(voxels), spacing, modality)
 
 
