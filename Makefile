@@ -8,6 +8,7 @@
 #   make build      the venv and the package only (rebuilt when csrc/, setup.py or pyproject.toml change)
 #   make cpp-test   the C++ library and its smoke test
 #   make bench      every benchmarks/bench_*.py
+#   make demo       phantoms -> pretraining -> linear probes (mmv demo; DEMO_ARGS, e.g. --out DIR)
 #   make clean      build outputs (the venv stays); `make distclean` removes the venv too
 #
 # Variables (make VAR=value, or the environment):
@@ -34,6 +35,7 @@ MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 CPP_TEST_CUDA ?= OFF
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+DEMO_ARGS ?=
 
 # cmake/cuda_home.py finds the toolkit the way setup.py does (following an nvcc wrapper script).
 CUDA_HOME_FOUND := $(shell $(PYTHON) cmake/cuda_home.py 2>/dev/null)
@@ -52,7 +54,7 @@ EXTENSION_INPUTS := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o
 	setup.py pyproject.toml cmake/cuda_home.py $(STAMPS)/build-config
 BUILD_CONFIG := MMV_CUDA=$(MMV_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
 
-.PHONY: test build cpp-test bench clean distclean FORCE
+.PHONY: test build cpp-test bench demo clean distclean FORCE
 
 test: build cpp-test
 	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
@@ -70,6 +72,9 @@ bench: build
 	@scripts=(benchmarks/bench_*.py); \
 	if [[ ! -e "$${scripts[0]}" ]]; then echo "no benchmarks/bench_*.py yet"; exit 0; fi; \
 	for script in "$${scripts[@]}"; do echo "== $$script"; $(VENV_PYTHON) "$$script" $(BENCH_ARGS); done
+
+demo: build
+	$(VENV_PYTHON) -m mmv.cli demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build $(STAMPS) mmv/_C.*.so mmv.egg-info

@@ -349,9 +349,7 @@ class Trainer:
             if self.step == 0:
                 self.metrics_path.write_text("", encoding="utf-8")
         self.student.train()
-        autocast = torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda" and run.bf16
-        )
+        autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=_use_bf16(run.bf16, self.device))
         history: list[dict[str, float]] = []
         progress = tqdm(
             total=optim.steps, initial=self.step, desc="pretrain", disable=not (run.progress and self.rank == 0)
@@ -403,6 +401,14 @@ class Trainer:
         if self.rank == 0 and self.step == optim.steps:
             self.teacher.module.encoder.save_pretrained(self.out_dir / "encoder")
         return history
+
+
+def _use_bf16(setting: bool | str, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not isinstance(setting, bool):
+        raise ValueError(f"run.bf16 must be true, false or 'auto', got {setting!r}")
+    return setting
 
 
 def _tuples(options: dict[str, Any]) -> dict[str, Any]:

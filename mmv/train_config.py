@@ -126,12 +126,16 @@ class OptimConfig:
 
 @dataclass
 class RunSettings:
-    """Where and how the run executes."""
+    """Where and how the run executes.
+
+    ``bf16`` is autocast to bfloat16: true, false, or ``"auto"`` (on for CUDA, and on a CPU with native
+    bfloat16 matrix instructions, where it roughly halves the step time).
+    """
 
     out_dir: str = "runs/pretrain"
     seed: int = 0
     device: str = "auto"
-    bf16: bool = True
+    bf16: bool | str = "auto"
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

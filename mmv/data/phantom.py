@@ -30,6 +30,8 @@ the same whatever N.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -53,6 +55,7 @@ __all__ = [
 
 PHANTOM_FINDINGS = ("Lung nodule", "Pleural effusion", "Cardiomegaly", "Consolidation", "Emphysema")
 MANIFEST_NAME = "manifest.csv"
+DESCRIPTION_NAME = "phantoms.json"
 CT_MODALITY = "CT"
 XRAY_MODALITY = "DX"
 
@@ -424,8 +427,10 @@ def write_phantom_dataset(
     """Write ``count`` phantoms as CT (NIfTI) and radiograph (16-bit PNG) files with a manifest CSV.
 
     Layout: ``ct/phantom_00000.nii.gz``, ``xray/phantom_00000.png``, ``manifest.csv`` with the columns
-    ``path, modality, id, group, split`` and one 0/1 column per finding. Both images of a phantom share
-    its group and split. Existing files of the same names are overwritten.
+    ``path, modality, id, group, split`` and one 0/1 column per finding, and ``phantoms.json`` describing
+    the data set. Both images of a phantom share its group and split. A directory that already holds the
+    same data set (same count, seed and settings, per ``phantoms.json``) is left as it is; otherwise
+    files of the same names are overwritten.
 
     Returns:
         The manifest's path.
@@ -434,6 +439,11 @@ def write_phantom_dataset(
         raise ValueError(f"write_phantom_dataset: count must be a positive int, got {count!r}")
     settings = settings or PhantomSettings()
     out_dir = Path(out_dir)
+    description = json.dumps({"count": count, "seed": seed, "settings": dataclasses.asdict(settings)}, sort_keys=True)
+    manifest = out_dir / MANIFEST_NAME
+    description_path = out_dir / DESCRIPTION_NAME
+    if manifest.is_file() and description_path.is_file() and description_path.read_text(encoding="utf-8") == description:
+        return manifest
     (out_dir / "ct").mkdir(parents=True, exist_ok=True)
     (out_dir / "xray").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -448,13 +458,13 @@ def write_phantom_dataset(
         _write_xray(out_dir / xray_path, *radiograph(phantom, settings.xray_spacing, seed))
         rows.append([ct_path.as_posix(), CT_MODALITY, f"{name}_ct", name, split, *labels])
         rows.append([xray_path.as_posix(), XRAY_MODALITY, f"{name}_xray", name, split, *labels])
-    manifest = out_dir / MANIFEST_NAME
     temporary = manifest.with_name(manifest.name + ".tmp")
     with open(temporary, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["path", "modality", "id", "group", "split", *PHANTOM_FINDINGS])
         writer.writerows(rows)
     os.replace(temporary, manifest)
+    description_path.write_text(description, encoding="utf-8")
     return manifest
 
 
