@@ -1,0 +1,157 @@
+"""Shared pieces of the op tests: tolerances per dtype, input layouts, packed-batch builders and
+hypothesis strategies.
+
+Low-precision results are always compared with a float64 reference computed from the same rounded
+inputs, so the tolerances below bound the op's own arithmetic, not the rounding of its inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|``, elementwise.
+
+    ``atol`` grows with the largest magnitude in the reference, so one tolerance serves outputs and
+    gradients of any scale. It never shrinks below that of unit-scale values: rounding errors come
+    from intermediate terms as large as the standard-normal inputs even where a result cancels to
+    zero (the query gradient of a one-token sequence).
+    """
+
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class DtypeTolerances:
+    """What one dtype is held to: ``forward`` for op outputs, ``backward`` for gradients."""
+
+    forward: Tolerance
+    backward: Tolerance
+
+
+# The one place where the accuracy asked of the ops is stated. float32 and float64 accumulate in
+# their own precision; bfloat16 and float16 accumulate in float32 but round the result (and, in the
+# attention kernels, the probabilities and score gradients fed to matrix units) to 8 or 11 bits.
+TOLERANCES: dict[torch.dtype, DtypeTolerances] = {
+    torch.float64: DtypeTolerances(Tolerance(rtol=1e-9, atol=1e-9), Tolerance(rtol=1e-8, atol=1e-8)),
+    torch.float32: DtypeTolerances(Tolerance(rtol=2e-5, atol=2e-5), Tolerance(rtol=1e-4, atol=1e-4)),
+    torch.bfloat16: DtypeTolerances(Tolerance(rtol=1.6e-2, atol=1e-2), Tolerance(rtol=3e-2, atol=3e-2)),
+    torch.float16: DtypeTolerances(Tolerance(rtol=2e-3, atol=2e-3), Tolerance(rtol=5e-3, atol=5e-3)),
+}
+
+LOW_AND_SINGLE_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+# Modest example counts: the whole suite runs on two cores. No deadline, since the machines are shared.
+OP_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance, what: str) -> None:
+    """Compare ``actual`` with a (usually float64) reference under ``tolerance``."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    expected = expected.double()
+    magnitude = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.double(),
+        expected,
+        rtol=tolerance.rtol,
+        atol=tolerance.atol * magnitude,
+        msg=lambda detail: f"{what}: {detail}",
+    )
+
+
+# How a (T, H, D) operand is laid out in memory. All keep the last dimension contiguous, which the ops
+# require; the others exercise the token and head strides.
+LAYOUTS = (
+    "contiguous",
+    "qkv",  # views qkv[:, i] of one packed (T, 3, H, D) projection
+    "head_major",  # a (H, T, D) buffer seen as (T, H, D): head stride larger than token stride
+    "padded_rows",  # rows of D + 3 elements: no row starts on a vector boundary
+)
+
+
+def make_token_head_tensors(
+    count: int,
+    num_tokens: int,
+    num_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    layout: str,
+    generator: torch.Generator,
+    requires_grad: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """``count`` standard-normal ``(T, H, D)`` tensors of ``dtype`` with the given memory layout.
+
+    With ``requires_grad`` the returned tensors are views of leaf buffers, so gradients can be taken
+    with respect to them by ``torch.autograd.grad``.
+    """
+
+    def buffer(*shape: int) -> torch.Tensor:
+        values = torch.randn(*shape, generator=generator).to(dtype)
+        return values.requires_grad_(requires_grad)
+
+    T, H, D = num_tokens, num_heads, head_dim
+    if layout == "contiguous":
+        return tuple(buffer(T, H, D) for _ in range(count))
+    if layout == "qkv":
+        packed = buffer(T, max(count, 3), H, D)
+        return tuple(packed[:, i] for i in range(count))
+    if layout == "head_major":
+        return tuple(buffer(H, T, D).transpose(0, 1) for _ in range(count))
+    if layout == "padded_rows":
+        return tuple(buffer(T, H, D + 3)[:, :, :D] for _ in range(count))
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def cu_seqlens_of(lengths: list[int]) -> torch.Tensor:
+    """int32 ``(B + 1,)`` offsets of sequences of the given lengths packed end to end."""
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return torch.tensor(offsets, dtype=torch.int32)
+
+
+def random_coords(num_tokens: int, generator: torch.Generator, extent_mm: float = 400.0) -> torch.Tensor:
+    """float32 ``(T, 3)`` token positions spread over ``[-extent_mm, extent_mm]`` on every axis."""
+    return (torch.rand(num_tokens, 3, generator=generator, dtype=torch.float64) * 2 - 1).mul(extent_mm).float()
+
+
+def generator_from(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+layouts = st.sampled_from(LAYOUTS)
+dtypes = st.sampled_from(LOW_AND_SINGLE_PRECISION)
+# Attention takes any head_dim in [1, 256]; rope3d an even one. Small values are drawn more often.
+attention_head_dims = st.one_of(st.integers(1, 16), st.integers(17, 256))
+rope_head_dims = st.one_of(st.integers(1, 8), st.integers(9, 128)).map(lambda half: 2 * half)
+
+# A sequence is empty, a single token, short (an X-ray's few hundred tokens, scaled down), or long
+# enough to span several tiles of any kernel.
+sequence_lengths = st.one_of(st.just(0), st.just(1), st.integers(2, 40), st.integers(41, 200))
+
+
+@st.composite
+def packed_lengths(draw, max_sequences: int = 6, max_tokens: int = 400) -> list[int]:
+    """Lengths of a packed batch: a mix of empty, single-token, short and long sequences."""
+    lengths = draw(st.lists(sequence_lengths, min_size=1, max_size=max_sequences))
+    while sum(lengths) > max_tokens:
+        lengths[lengths.index(max(lengths))] //= 2
+    return lengths
+
+
+@st.composite
+def rope_sections(draw, num_pairs: int) -> tuple[int, int, int]:
+    """(s_z, s_y, s_x) that either cover all ``num_pairs`` pairs or leave some unrotated."""
+    s_z = draw(st.integers(0, num_pairs))
+    s_y = draw(st.integers(0, num_pairs - s_z))
+    covers_all = draw(st.booleans())
+    s_x = num_pairs - s_z - s_y if covers_all else draw(st.integers(0, num_pairs - s_z - s_y))
+    return (s_z, s_y, s_x)
