@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmv.image import Image
-from mmv.packing import PackedBatch, cu_seqlens_from_lengths, pack, prefix_layout, unpack
+from mmv.packing import (
+    PackedBatch,
+    cu_seqlens_from_lengths,
+    inverse_permutation,
+    pack,
+    permute_rows,
+    prefix_layout,
+    unpack,
+)
 from mmv.tokenizer import Tokenizer
 
 PATCH = (4, 4, 4)
@@ -226,3 +234,13 @@ def test_prefix_layout_matches_inserting_prefix_tokens_one_sequence_at_a_time(le
     assert layout.patch_rows.tolist() == patch_rows
     assert layout.prefix_rows.tolist() == prefix_rows
     assert layout.sequence_ids.tolist() == sequence_ids
+
+
+def test_permute_rows_gathers_forward_and_backward():
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(7, generator=generator)
+    inverse = inverse_permutation(order)
+    assert torch.equal(order[inverse], torch.arange(7)) and torch.equal(inverse[order], torch.arange(7))
+    rows = torch.randn(7, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(permute_rows(rows, order, inverse), rows[order])
+    assert torch.autograd.gradcheck(lambda r: permute_rows(r, order, inverse), (rows,))

@@ -21,7 +21,7 @@ from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict,
 from mmv.model.config import EncoderConfig
 from mmv.model.layers import Block, LayerScale, PackedContext, PatchEmbed
 from mmv.ops import rope_freqs
-from mmv.packing import PackedBatch, pack, prefix_layout, unpack
+from mmv.packing import PackedBatch, PrefixLayout, inverse_permutation, pack, permute_rows, prefix_layout, unpack
 from mmv.tokenizer import Tokenizer, as_image
 
 __all__ = ["Encoder", "EncoderOutput"]
@@ -223,6 +223,27 @@ class Encoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # Only tensors and plain numbers in here: sizes come from tensor shapes, so torch.compile can keep
         # them symbolic instead of recompiling for every new number of images.
+        x, context, layout = self._embed(
+            patches_2d, patches_3d, rows_2d, rows_3d, coords_mm, cu_seqlens, max_seqlen, validate, token_mask
+        )
+        for block in self.blocks:
+            x = block(x, context)
+        return self._readout(self.norm(x), layout, cu_seqlens)
+
+    def _embed(
+        self,
+        patches_2d: torch.Tensor,
+        patches_3d: torch.Tensor,
+        rows_2d: torch.Tensor,
+        rows_3d: torch.Tensor,
+        coords_mm: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        validate: bool,
+        token_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, PackedContext, PrefixLayout]:
+        """The input stream ``(T + B * num_prefix, C)``: each image's prefix tokens, then its embedded
+        patches; with the context the blocks need and the layout that locates every row."""
         config = self.config
         num_images = cu_seqlens.shape[0] - 1
         num_tokens = coords_mm.shape[0]
@@ -232,10 +253,12 @@ class Encoder(nn.Module):
 
         embedded_2d, embedded_3d = self.patch_embed(patches_2d, patches_3d)
         prefix = self.cls_token if self.register_tokens is None else torch.cat((self.cls_token, self.register_tokens))
-        x = embedded_3d.new_zeros(num_rows, config.embed_dim)
-        x = x.index_copy(0, layout.patch_rows[rows_2d], embedded_2d)
-        x = x.index_copy(0, layout.patch_rows[rows_3d], embedded_3d)
-        x = x.index_copy(0, layout.prefix_rows.flatten(), prefix.to(x.dtype).repeat(num_images, 1))
+        prefix = prefix.to(embedded_3d.dtype).repeat(num_images, 1)
+        # One permutation moves every embedded row (2D patches, 3D patches, prefix tokens) to its stream row.
+        destination = torch.cat((layout.patch_rows[rows_2d], layout.patch_rows[rows_3d], layout.prefix_rows.flatten()))
+        x = permute_rows(
+            torch.cat((embedded_2d, embedded_3d, prefix)), inverse_permutation(destination), destination
+        )
         if token_mask is not None:
             masked_rows = torch.zeros(num_rows, dtype=torch.bool, device=x.device)
             masked_rows = masked_rows.index_copy(0, layout.patch_rows, token_mask)
@@ -253,18 +276,23 @@ class Encoder(nn.Module):
             num_sequences=num_images,
             validate=validate,
         )
-        for block in self.blocks:
-            x = block(x, context)
-        x = self.norm(x)
+        return x, context, layout
 
-        cls = x[layout.prefix_rows[:, 0]]
-        registers = x[layout.prefix_rows[:, 1:]]
-        patch_tokens = x[layout.patch_rows]
+    def _readout(
+        self, x: torch.Tensor, layout: PrefixLayout, cu_seqlens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CLS ``(B, C)``, registers ``(B, R, C)``, patch tokens ``(T, C)`` and their per-image mean."""
+        num_images, num_prefix = layout.prefix_rows.shape
+        # One permutation puts every image's prefix tokens first, then all patch tokens in packed order.
+        order = torch.cat((layout.prefix_rows.flatten(), layout.patch_rows))
+        x = permute_rows(x, order, inverse_permutation(order))
+        prefix = x[: num_images * num_prefix].view(num_images, num_prefix, -1)
+        patch_tokens = x[num_images * num_prefix :]
         token_image = layout.sequence_ids[layout.patch_rows]
         counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(patch_tokens.dtype)
-        pooled = patch_tokens.new_zeros(num_images, config.embed_dim).index_add(0, token_image, patch_tokens)
-        pooled = pooled / counts[:, None]
-        return cls, registers, patch_tokens, pooled
+        sums = patch_tokens.new_zeros(num_images, patch_tokens.shape[1])
+        sums = sums.scatter_add(0, token_image[:, None].expand_as(patch_tokens), patch_tokens)
+        return prefix[:, 0], prefix[:, 1:], patch_tokens, sums / counts[:, None]
 
     # ----------------------------------------------------------------------------------------------
 
