@@ -17,7 +17,7 @@ times, interleaved, keeping the median. The files are written once and stay in t
 figures measure decoding and preprocessing, not the disk. MONAI is optional (``pip install -e .[bench]``);
 without it only the mmv rows are printed.
 
-    python benchmarks/bench_loader.py --json loader.json --plot loader.png
+    python benchmarks/bench_loader.py --json benchmarks/out/loader.json   # plot: benchmarks/out/loader_throughput.png
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--plot", type=Path, help="write a PNG bar chart here")
+    parser.add_argument(
+        "--plot", type=Path, default=Path(__file__).parent / "out" / "loader_throughput.png", help="PNG bar chart"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -195,8 +197,9 @@ def main() -> None:
     print(f"cached / uncached CT epoch: {rates['CT mmv cached'] / rates['CT mmv']:.1f}x faster")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    if args.plot:
-        plot(rates, args.plot)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(rates, args.plot)
+    print(f"plot: {args.plot}")
 
 
 def plot(rates: dict[str, float], path: Path) -> None:
