@@ -73,7 +73,8 @@ MIMIC_IMAGES = [
 def mimic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mimic-cxr-jpg")
     for seed, (dicom, subject, study, _, rows, columns, _) in enumerate(MIMIC_IMAGES):
-        write_radiograph(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg", rows, columns, seed)
+        study_folder = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+        write_radiograph(study_folder / f"{dicom}.jpg", rows, columns, seed)
     write_csv(
         root / "mimic-cxr-2.0.0-split.csv.gz",
         ["dicom_id", "study_id", "subject_id", "split"],
@@ -103,13 +104,17 @@ def chexpert_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "CheXpert-v1.0-small"
     header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *_chexpert_csv_order()]
     rows = []
-    views = [("patient00001/study1/view1_frontal.jpg", "Frontal", "AP"), ("patient00001/study1/view2_lateral.jpg", "Lateral", "")]
-    views.append(("patient00002/study1/view1_frontal.jpg", "Frontal", "PA"))
+    views = [
+        ("patient00001/study1/view1_frontal.jpg", "Frontal", "AP"),
+        ("patient00001/study1/view2_lateral.jpg", "Lateral", ""),
+        ("patient00002/study1/view1_frontal.jpg", "Frontal", "PA"),
+    ]
     for seed, (relative, view, projection) in enumerate(views):
         write_radiograph(root / "train" / relative, 24 + 4 * seed, 20, seed)
         labels = {name: "" for name in CHEXPERT_LABELS}
         labels.update({"Atelectasis": "-1.0", "Cardiomegaly": "1.0", "Edema": "0.0", "Pleural Effusion": "-1.0"})
-        rows.append([f"CheXpert-v1.0-small/train/{relative}", "Female", "68", view, projection, *[labels[n] for n in _chexpert_csv_order()]])
+        cells = [labels[name] for name in _chexpert_csv_order()]
+        rows.append([f"CheXpert-v1.0-small/train/{relative}", "Female", "68", view, projection, *cells])
     write_csv(root / "train.csv", header, rows)
     return root
 

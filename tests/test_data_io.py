@@ -244,7 +244,8 @@ def synthetic_files(tmp_path_factory):
     angle = np.deg2rad(20)
     oblique = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
     files["oblique"] = root / "oblique.nrrd"
-    write_itk_volume(files["oblique"], physical_ramp((12, 10, 5), np.ones(3), origin, oblique), np.ones(3), origin, oblique)
+    oblique_ramp = physical_ramp((12, 10, 5), np.ones(3), origin, oblique)
+    write_itk_volume(files["oblique"], oblique_ramp, np.ones(3), origin, oblique)
     grey = (np.arange(30 * 40).reshape(30, 40) % 251).astype(np.uint8)
     files["png"] = root / "grey.png"
     itk.imwrite(itk.image_from_array(grey), str(files["png"]))
@@ -332,8 +333,7 @@ def truncated_copy(source: Path, target: Path, fraction: float) -> Path:
 
 @pytest.mark.parametrize("extension", ["nii", "nii.gz", "nrrd", "mha", "png", "jpg"])
 def test_truncated_files_raise(synthetic_files, tmp_path, extension):
-    key = extension if extension not in ("png", "jpg") else extension
-    source = synthetic_files[key]
+    source = synthetic_files[extension]
     broken = truncated_copy(source, tmp_path / f"broken.{extension}", 0.7)
     with pytest.raises(ImageReadError) as error:
         read_image(broken)

@@ -438,7 +438,9 @@ def _uncertainty_policies(uncertainty: str | dict[str, str], labels: Sequence[st
             raise ValueError(f"uncertainty names labels that are not used: {extra}")
         policies = {name: uncertainty.get(name, "ignore") for name in labels}
     else:
-        raise TypeError(f"uncertainty must be a policy name or a dict label -> policy, got {type(uncertainty).__name__}")
+        raise TypeError(
+            f"uncertainty must be a policy name or a dict label -> policy, got {type(uncertainty).__name__}"
+        )
     for name, policy in policies.items():
         if policy not in _UNCERTAINTY_POLICIES:
             raise ValueError(f"uncertainty policy for {name!r} must be one of {_UNCERTAINTY_POLICIES}, got {policy!r}")
@@ -493,7 +495,8 @@ class CtRate(LabelledImageDataset):
         metadata_rows = _read_csv(metadata_path)
         _require_columns(
             metadata_rows,
-            ("VolumeName", "Rows", "Columns", "NumberofSlices", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"),
+            ("VolumeName", "Rows", "Columns", "NumberofSlices", "XYSpacing", "ZSpacing")
+            + ("RescaleSlope", "RescaleIntercept"),
             metadata_path,
         )
         label_rows = _read_csv(labels_path)

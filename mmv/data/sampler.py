@@ -72,7 +72,9 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         if weights is not None:
             weights = torch.as_tensor(weights, dtype=torch.float64)
             if weights.shape != (counts.size,):
-                raise ValueError(f"weights must have one entry per sample ({counts.size}), got shape {tuple(weights.shape)}")
+                raise ValueError(
+                    f"weights must have one entry per sample ({counts.size}), got shape {tuple(weights.shape)}"
+                )
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
                 raise ValueError("weights must be finite, non-negative and not all zero")
             num_samples = counts.size if num_samples is None else num_samples
