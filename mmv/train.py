@@ -209,11 +209,13 @@ class Trainer:
         torch.manual_seed(run.seed + self.rank)
         encoder_config = EncoderConfig.from_preset(config.model.preset, **_tuples(config.model.options))
         ssl = config.ssl
+        # The encoder is drawn first, so it starts from the weights Encoder(config) gets after this seed.
+        encoder = Encoder(encoder_config)
         heads = [
             DinoHead(encoder_config.embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers)
             for _ in range(2 if ssl.separate_ibot_head else 1)
         ]
-        self.student = SslStudent(Encoder(encoder_config), heads[0], heads[1] if len(heads) > 1 else None).to(self.device)
+        self.student = SslStudent(encoder, heads[0], heads[1] if len(heads) > 1 else None).to(self.device)
         self.teacher = EmaTeacher(self.student).to(self.device)
         self.objective = SslObjective(config).to(self.device)
         self.model = self.student
@@ -412,7 +414,8 @@ def _use_bf16(setting: bool | str, device: torch.device) -> bool:
 
 
 def _tuples(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    # TOML has arrays but no tuples and no null: "none" stands for None (e.g. layer_scale_init = "none").
+    return {k: tuple(v) if isinstance(v, list) else (None if v == "none" else v) for k, v in options.items()}
 
 
 def pretrain(config: PretrainConfig, dataset=None, resume: bool = False) -> Path:

@@ -36,7 +36,8 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    """The encoder: a preset (``vit_tiny``, ``vit_small``, ...) and overrides of its config fields."""
+    """The encoder: a preset (``vit_tiny``, ``vit_small``, ...) and overrides of its config fields
+    (:class:`mmv.EncoderConfig`; the string ``"none"`` stands for None, which TOML cannot write)."""
 
     preset: str = "vit_small"
     options: dict[str, Any] = field(default_factory=dict)
