@@ -97,6 +97,7 @@ def demo_config(settings: DemoSettings, manifest: Path, out_dir: Path) -> Pretra
                 "num_prototypes": 1024,
                 "head_hidden_dim": 512,
                 "head_bottleneck_dim": 128,
+                "head_batch_norm": True,
                 "normalisation": "sinkhorn",
                 "teacher_temperature": [0.04, 0.05],
                 "teacher_temperature_warmup_steps": settings.steps // 3,

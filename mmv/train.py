@@ -212,7 +212,10 @@ class Trainer:
         # The encoder is drawn first, so it starts from the weights Encoder(config) gets after this seed.
         encoder = Encoder(encoder_config)
         heads = [
-            DinoHead(encoder_config.embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers)
+            DinoHead(
+                encoder_config.embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers,
+                ssl.head_batch_norm,
+            )
             for _ in range(2 if ssl.separate_ibot_head else 1)
         ]
         self.student = SslStudent(encoder, heads[0], heads[1] if len(heads) > 1 else None).to(self.device)

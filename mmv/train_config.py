@@ -99,6 +99,7 @@ class SslConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_layers: int = 3
+    head_batch_norm: bool = False
     separate_ibot_head: bool = True
     normalisation: str = "centering"
     student_temperature: float = 0.1

@@ -59,3 +59,18 @@ def test_schedules_endpoints():
     assert math.isfinite(warmup_cosine_schedule(99, 100, 1.0, 0.1, 0))
     with pytest.raises(ValueError, match="warmup_steps"):
         warmup_cosine_schedule(0, 10, 1.0, 0.0, 10)
+
+
+def test_batch_norm_head_separates_images_that_share_a_dominant_direction():
+    torch.manual_seed(0)
+    shared = torch.randn(1, 16) * 10
+    features = shared + 0.1 * torch.randn(12, 16)
+    plain, normed = DinoHead(16, 32, 24, 8), DinoHead(16, 32, 24, 8, batch_norm=True)
+
+    def mean_cosine(head):
+        bottleneck = torch.nn.functional.normalize(head.mlp(features), dim=-1)
+        return float(((bottleneck @ bottleneck.T).sum() - 12) / (12 * 11))
+
+    assert mean_cosine(plain) > 0.9
+    assert mean_cosine(normed) < 0.5
+    assert normed(features[:1]).shape == (1, 32)  # a single row passes through unnormalised

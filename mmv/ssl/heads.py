@@ -7,7 +7,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["DinoHead"]
+__all__ = ["DinoHead", "BatchStandardise"]
+
+
+class BatchStandardise(nn.Module):
+    """Batch normalisation over rows with batch statistics always, and a learned scale and shift."""
+
+    def __init__(self, width: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < 2:
+            return x
+        mean = x.mean(dim=0, keepdim=True)
+        variance = x.var(dim=0, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(variance + self.eps) * self.weight + self.bias
 
 
 class DinoHead(nn.Module):
@@ -22,6 +39,11 @@ class DinoHead(nn.Module):
         hidden_dim: width of the MLP's hidden layers.
         bottleneck_dim: width before the prototypes.
         num_layers: linear layers in the MLP (1 maps straight to the bottleneck).
+        batch_norm: standardise each hidden feature over the rows of the batch (DINO's ``use_bn``). At
+            initialisation a ViT maps different images to nearly the same CLS direction; without this
+            the head's outputs agree, the teacher's targets are all but uniform, and a short run learns
+            little. Uses batch statistics in training and evaluation alike (the head only serves
+            training), and leaves batches of fewer than two rows as they are.
     """
 
     def __init__(
@@ -31,6 +53,7 @@ class DinoHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         num_layers: int = 3,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -47,6 +70,8 @@ class DinoHead(nn.Module):
         for i, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(width_in, width_out))
             if i < num_layers - 1:
+                if batch_norm:
+                    layers.append(BatchStandardise(width_out))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.prototypes = weight_norm(nn.Linear(bottleneck_dim, num_prototypes, bias=False))
