@@ -105,9 +105,8 @@ class PackedBatch:
         self.patch_size: PatchSize = check_patch_size(patch_size, "PackedBatch")
         if validate:
             self._validate()
-        self.lengths: tuple[int, ...] = tuple(
-            b - a for a, b in zip(self._offsets()[:-1], self._offsets()[1:])
-        )
+        offsets = self._offsets()
+        self.lengths: tuple[int, ...] = tuple(end - start for start, end in zip(offsets[:-1], offsets[1:]))
         self.validated = bool(validate)
 
     # ----------------------------------------------------------------------------------------------

@@ -165,6 +165,26 @@ def test_dropped_tokens_are_never_seen_and_come_back_as_nan():
         assert (~is_kept).any()
 
 
+def test_an_image_without_patch_tokens_still_gets_a_cls_token_and_a_nan_mean():
+    encoder = tiny_encoder()
+    images = mixed_images()[:2]
+    batch = pack([encoder.tokenizer(image) for image in images])
+    empty_first = PackedBatch(
+        **{
+            **_fields(batch),
+            "cu_seqlens": torch.cat((torch.zeros(1, dtype=torch.int32), batch.cu_seqlens)),
+            "grid_shapes": ((1, 2, 2), *batch.grid_shapes),
+            "is_3d": (False, *batch.is_3d),
+            "modalities": (None, *batch.modalities),
+        }
+    )
+    out = encoder(empty_first)
+    assert out.cls.shape == (3, 32) and torch.isfinite(out.cls).all()
+    assert torch.isnan(out.pooled[0]).all() and torch.isfinite(out.pooled[1:]).all()
+    close(out.cls[1:], encoder(batch).cls)
+    assert torch.isnan(out.unpack()[0]).all()
+
+
 def test_token_mask_replaces_the_masked_embeddings_by_the_mask_token():
     encoder = tiny_encoder()
     images = mixed_images()
