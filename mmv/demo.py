@@ -89,8 +89,13 @@ def demo_config(settings: DemoSettings, manifest: Path, out_dir: Path) -> Pretra
                 "global_size_3d": [64, 64, 64],
                 "local_size_2d": [48, 48],
                 "local_size_3d": [32, 32, 32],
-                "global_scale": [0.4, 1.0],
-                "local_scale": [0.05, 0.4],
+                # Global views of most of the chest agree with each other from the first step, which is
+                # what lets the teacher's targets, and so the student, settle on the image's content.
+                "global_scale": [0.7, 1.0],
+                "local_scale": [0.1, 0.5],
+                "contrast": [0.9, 1.1],
+                "brightness": [-0.05, 0.05],
+                "blur_probability": 0.3,
                 "blur_sigma_mm": [1.0, 6.0],
             },
             "ssl": {
