@@ -48,7 +48,8 @@ def _sources(pattern: str) -> list[str]:
 
 def _extension():
     # -fopenmp: at::parallel_for is an inline OpenMP loop; compiled without it, it runs serially.
-    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    # -Wno-psabi: simd.h passes 64-byte vectors between inline functions, which GCC notes at length.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
     link_flags = ["-fopenmp"]  # resolves to the libgomp that torch has already loaded
     macros = [("MMV_PYTHON_MODULE", None)]
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
@@ -73,7 +74,16 @@ def _extension():
     )
 
 
+class BuildExtensionInPlace(BuildExtension):
+    """Keeps object files in build/temp, also for editable installs (which otherwise build in a new
+    temporary folder each time), so that ninja recompiles only the sources that changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionInPlace.with_options(use_ninja=True)},
 )

@@ -25,7 +25,8 @@ inline void check_token_head_tensor(const at::Tensor& t, const char* op, const c
                     t.dim(), " dimensions with shape ", t.sizes());
   TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
                    " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.size(2) <= 1 || t.stride(2) == 1, op, ": ", name,
+  // An empty tensor's strides are never used (autograd may hand over zero strides).
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(2) <= 1 || t.stride(2) == 1, op, ": ", name,
                     " must be contiguous in its last dimension (head_dim), got strides ", t.strides());
   TORCH_CHECK_VALUE(t.size(0) < (int64_t{1} << 31), op, ": ", name,
                     " has more tokens than int32 cu_seqlens can index: ", t.size(0));

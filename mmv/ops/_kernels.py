@@ -14,7 +14,16 @@ try:
 except ImportError as error:  # a source checkout that was never built
     EXTENSION_ERROR = error
 
+_OP_NAMES = ("rope3d", "packed_attention_fwd", "packed_attention_bwd")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+# Looked up once at import: a plain dict lookup is something torch.compile traces through, where the
+# dispatcher query itself would break the graph.
+_KERNELS = {
+    (op, device): EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"mmv::{op}", key)
+    for op in _OP_NAMES
+    for device, key in _DISPATCH_KEYS.items()
+}
 
 
 def extension_loaded() -> bool:
@@ -22,13 +31,9 @@ def extension_loaded() -> bool:
     return EXTENSION_ERROR is None
 
 
-@functools.cache
 def has_kernel(op_name: str, device_type: str) -> bool:
     """True when ``torch.ops.mmv.<op_name>`` has a compiled kernel for ``device_type``."""
-    key = _DISPATCH_KEYS.get(device_type)
-    if EXTENSION_ERROR is not None or key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmv::{op_name}", key)
+    return _KERNELS.get((op_name, device_type), False)
 
 
 @functools.cache

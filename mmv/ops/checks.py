@@ -22,7 +22,7 @@ def check_token_head_tensor(t: torch.Tensor, op: str, name: str) -> None:
         )
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-    if t.shape[2] > 1 and t.stride(2) != 1:
+    if t.numel() > 0 and t.shape[2] > 1 and t.stride(2) != 1:  # an empty tensor's strides are never used
         raise ValueError(
             f"{op}: {name} must be contiguous in its last dimension (head_dim), got strides "
             f"{tuple(t.stride())}"

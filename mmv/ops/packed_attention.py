@@ -40,8 +40,10 @@ def packed_attention(
     Returns:
         ``(T, H, D)`` of q's dtype. No token attends to another sequence's tokens.
     """
-    head_dim = q.shape[-1]
-    scale = float(head_dim**-0.5 if scale is None else scale)
+    if scale is None:
+        head_dim = q.shape[-1]
+        scale = head_dim**-0.5 if head_dim > 0 else 1.0  # head_dim 0 is rejected by the op's checks
+    scale = float(scale)
     max_seqlen = -1 if max_seqlen is None else int(max_seqlen)
     if has_kernel("packed_attention_fwd", q.device.type):
         out, _ = torch.ops.mmv.packed_attention_fwd(

@@ -30,7 +30,7 @@ def rope3d(
     interleaved: bool = False,
 ) -> torch.Tensor:
     """Rotate pairs of channels of ``x`` (T, H, D) by angles ``coords[t, axis(j)] * freqs[j]``."""
-    num_tokens, _, head_dim = x.shape
+    num_tokens, num_heads, head_dim = x.shape
     num_pairs = head_dim // 2
     axis = _pair_axes(num_pairs, tuple(sections), x.device)
     rotated = axis >= 0
@@ -48,7 +48,7 @@ def rope3d(
     u_out = u * cos - v * sin
     v_out = v * cos + u * sin
     if interleaved:
-        out = torch.stack((u_out, v_out), dim=-1).reshape(num_tokens, -1, head_dim)
+        out = torch.stack((u_out, v_out), dim=-1).reshape(num_tokens, num_heads, head_dim)
     else:
         out = torch.cat((u_out, v_out), dim=-1)
     return out.to(x.dtype)
