@@ -7,6 +7,8 @@
     writes a phantom data set (:mod:`mmv.data.phantom`).
 ``mmv demo [--out DIR]``
     phantoms -> pretraining -> linear probes, pretrained against random initialisation (:mod:`mmv.demo`).
+``mmv embed CHECKPOINT --dataset KIND --data PATH --out DIR``
+    frozen features of a data set as a feature table (:mod:`mmv.eval.embed`).
 ``mmv probe FEATURES --protocol NAME --out DIR`` and ``mmv analyze FEATURES --out DIR``
     evaluation of feature tables (:mod:`mmv.eval.commands`).
 """
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int)
     demo.add_argument("--threads", type=_positive_int, help="torch threads")
 
+    embed_module = _embed_module()
+    if embed_module is not None:
+        embed_module.add_embed_arguments(commands.add_parser("embed", help="frozen encoder features of a data set"))
+
     probe = commands.add_parser("probe", help="linear probe on a feature table under an evaluation protocol")
     probe.add_argument("features", help="feature table directory")
     probe.add_argument("--protocol", required=True, help="chexpert5, mimic14, ctrate18 or manifest")
@@ -79,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--array", default="cls")
     analyze.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _embed_module():
+    try:
+        from mmv.eval import embed
+    except ImportError:  # an installation without the evaluation's embedding step
+        return None
+    return embed
+
+
+def _embed(args: argparse.Namespace) -> int:
+    return _embed_module().main_embed(args)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -135,7 +153,9 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"pretrain": _pretrain, "phantom": _phantom, "demo": _demo, "probe": _probe, "analyze": _analyze}
+_COMMANDS = {
+    "pretrain": _pretrain, "phantom": _phantom, "demo": _demo, "embed": _embed, "probe": _probe, "analyze": _analyze,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
