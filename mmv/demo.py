@@ -99,7 +99,7 @@ def demo_config(settings: DemoSettings, manifest: Path, out_dir: Path) -> Pretra
                 "blur_sigma_mm": [1.0, 6.0],
             },
             "ssl": {
-                "num_prototypes": 1024,
+                "num_prototypes": 64,
                 "head_hidden_dim": 512,
                 "head_bottleneck_dim": 128,
                 "head_batch_norm": True,
