@@ -1,0 +1,804 @@
+"""``mmv embed``: frozen encoder features of every image of a data set, written as a feature table.
+
+:func:`run_embed` reads a checkpoint and a data set and writes a feature table (:mod:`mmv.eval.features`)
+with two arrays, ``cls`` (the final CLS token) and ``patch_mean`` (the mean final patch token), one row
+per image in the data set's own order. Images are read, preprocessed and tokenised in DataLoader
+workers, packed into batches of up to ``max_tokens`` patch tokens (:class:`~mmv.data.TokenBudgetBatchSampler`
+and :class:`~mmv.data.PackedCollate`) and encoded in eval mode without gradients.
+
+Checkpoints
+    an encoder directory written by :meth:`mmv.Encoder.save_pretrained` (``<run>/encoder`` of ``mmv
+    pretrain``), a training checkpoint file of ``mmv pretrain`` (``<run>/checkpoints/step_*.pt``; its EMA
+    teacher's encoder, which is what the run saves when it finishes), a pretraining run directory (its
+    ``encoder`` when the run has finished, else its latest checkpoint), or an :class:`mmv.Encoder`.
+
+Data sets (:class:`DatasetSpec`)
+    ``manifest`` (any CSV manifest, :class:`mmv.data.Manifest`; its ``split`` and ``group`` columns, when
+    present, fill the index's), ``mimic`` (MIMIC-CXR-JPG), ``chexpert`` and ``ctrate`` (CT-RATE). The named
+    data sets embed every split by default, since their probe protocols take train, validation and test
+    rows from one table; their index groups number the patients of the table in order of appearance
+    (``patient_000001``, ...), so that rows of one patient stay together without storing any patient
+    number.
+
+Preprocessing
+    CT is windowed and resampled, X-rays resized and normalised (:class:`~mmv.pretrain_data.ModalityPreprocess`)
+    with the settings of the pretraining run when the checkpoint comes with its run config (the training
+    checkpoint itself, or ``config.json`` next to an ``encoder`` directory), else with the pretraining
+    defaults (:class:`~mmv.train_config.DataConfig`); each setting can be given explicitly instead.
+
+Resuming
+    Work in progress lives in ``<out_dir>/partial``, a feature table over every image of the data set,
+    filled batch by batch; an interrupted run resumes from the rows already written, after checking that
+    the weights, the preprocessing and the precision are those of the interrupted run. When every image
+    has been through the encoder the table is copied to ``out_dir`` (leaving out the images that were
+    unreadable with ``on_error="skip"``), ``<out_dir>/embed.json`` records what was done, and the partial
+    table is removed. Running again on a finished directory does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmv.checkpoint import latest_checkpoint, load_checkpoint
+from mmv.data.cache import PreprocessCache
+from mmv.data.collate import PackedCollate
+from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr, _read_csv
+from mmv.data.io import ImageReadError
+from mmv.data.preprocess import CtPreprocess, XrayPreprocess
+from mmv.data.sampler import TokenBudgetBatchSampler, _check_positive_int
+from mmv.eval.features import (
+    INDEX_COLUMNS,
+    FeatureIndex,
+    FeatureTableError,
+    FeatureWriter,
+    read_feature_index,
+    read_feature_table,
+)
+from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict
+from mmv.model.config import EncoderConfig
+from mmv.model.encoder import Encoder
+from mmv.pretrain_data import ModalityPreprocess
+from mmv.tokenizer import Tokenizer
+from mmv.train import _tuples as _model_options
+from mmv.train_config import DataConfig, PretrainConfig
+
+__all__ = [
+    "ARRAY_NAMES",
+    "DATASET_KINDS",
+    "RUN_FILE",
+    "DatasetSpec",
+    "EmbedDataset",
+    "EmbedRun",
+    "LoadedEncoder",
+    "add_embed_arguments",
+    "embed_preprocess",
+    "load_encoder",
+    "main_embed",
+    "open_dataset",
+    "run_embed",
+]
+
+DATASET_KINDS = ("manifest", "mimic", "chexpert", "ctrate")
+ARRAY_NAMES = ("cls", "patch_mean")
+RUN_FILE = "embed.json"
+PARTIAL_DIR = "partial"
+RUN_FORMAT = "mmv-embed"
+RUN_VERSION = 1
+TRAINING_CHECKPOINT_FORMAT = "mmv-pretrain-checkpoint"
+# Where the trainer keeps the EMA teacher's encoder inside a training checkpoint.
+TEACHER_ENCODER_PREFIX = "module.encoder."
+
+# Each named data set's splits, and the name the feature index gives them.
+_NAMED_SPLITS = {
+    "mimic": {"train": "train", "validate": "val", "test": "test"},
+    "chexpert": {"train": "train", "valid": "val"},
+    "ctrate": {"train": "train", "valid": "val"},
+}
+# Manifest columns that describe a row rather than label it.
+_MANIFEST_ROW_COLUMNS = ("split", "group")
+# What each setting that must not change within a feature table is called in messages.
+_SETTING_NAMES = {
+    "weights_sha256": "weights",
+    "encoder_config": "encoder config",
+    "preprocess": "preprocessing",
+    "bf16": "precision (bf16)",
+}
+# Rows copied at a time when the finished table is written.
+_COPY_ROWS = 65536
+
+
+# --------------------------------------------------------------------------------------------------
+# Data sets
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which images to embed.
+
+    Attributes:
+        kind: ``manifest``, ``mimic``, ``chexpert`` or ``ctrate``.
+        path: the manifest CSV, or the data set's root directory.
+        splits: the splits to embed; None embeds all of them. ``mimic``: train, validate, test;
+            ``chexpert``: train, valid (``train.csv`` / ``valid.csv``); ``ctrate``: train, valid;
+            ``manifest``: values of its ``split`` column.
+        fixed: CT-RATE only: read the header-fixed copies (``train_fixed/``, ``valid_fixed/``).
+        id_column: manifest only: the column of sample ids; None uses ``id`` when the manifest has it,
+            else the path as written.
+        label_columns: manifest only: the label columns; None takes every column that is not the path,
+            modality, id, split or group.
+    """
+
+    kind: str
+    path: str | os.PathLike
+    splits: tuple[str, ...] | None = None
+    fixed: bool = False
+    id_column: str | None = None
+    label_columns: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATASET_KINDS:
+            raise ValueError(f"DatasetSpec: kind must be one of {DATASET_KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "path", Path(self.path))
+        if self.splits is not None:
+            splits = (self.splits,) if isinstance(self.splits, str) else tuple(self.splits)
+            if not splits or not all(isinstance(split, str) and split for split in splits):
+                raise ValueError(f"DatasetSpec: splits must be None or non-empty split names, got {self.splits!r}")
+            if self.kind in _NAMED_SPLITS:
+                unknown = [split for split in splits if split not in _NAMED_SPLITS[self.kind]]
+                if unknown:
+                    raise ValueError(
+                        f"DatasetSpec: splits of {self.kind} must be among {tuple(_NAMED_SPLITS[self.kind])}, "
+                        f"got {unknown}"
+                    )
+            object.__setattr__(self, "splits", tuple(dict.fromkeys(splits)))
+        if self.fixed and self.kind != "ctrate":
+            raise ValueError(f"DatasetSpec: fixed applies to ctrate only, not {self.kind}")
+        if self.kind != "manifest" and (self.id_column is not None or self.label_columns is not None):
+            raise ValueError(f"DatasetSpec: id_column and label_columns apply to manifest only, not {self.kind}")
+        if self.label_columns is not None:
+            object.__setattr__(self, "label_columns", tuple(self.label_columns))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (for ``embed.json``)."""
+        values = dataclasses.asdict(self)
+        values["path"] = str(self.path)
+        return values
+
+
+@dataclass(frozen=True, eq=False)
+class EmbedDataset:
+    """A data set opened for embedding: the images in index order, with each row's split and group.
+
+    Attributes:
+        dataset: one dataset holding every image to embed, in the order of the feature index.
+        splits: each row's split (``train`` / ``val`` / ``test`` for the named data sets, the manifest's
+            cell otherwise; blank when unknown).
+        groups: each row's group (the manifest's ``group`` cell, or a patient number within the table).
+    """
+
+    dataset: LabelledImageDataset
+    splits: tuple[str, ...]
+    groups: tuple[str, ...]
+
+    def index(self) -> FeatureIndex:
+        """The feature index of these images: ids, split, modality, group and labels."""
+        records = self.dataset.records
+        return FeatureIndex(
+            ids=tuple(record.id for record in records),
+            splits=self.splits,
+            modalities=tuple(record.modality for record in records),
+            groups=self.groups,
+            label_names=self.dataset.label_names,
+            labels=np.array([record.labels for record in records], dtype=np.float64).reshape(
+                len(records), len(self.dataset.label_names)
+            ),
+        )
+
+
+def _patient_numbers(records) -> tuple[str, ...]:
+    """A group per record: patients (the folder above the study in every named layout) numbered in order."""
+    numbers: dict[str, int] = {}
+    groups = []
+    for record in records:
+        patient = record.path.parent.parent.name
+        number = numbers.setdefault(patient, len(numbers) + 1)
+        groups.append(f"patient_{number:06d}")
+    return tuple(groups)
+
+
+def _open_manifest(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
+    rows = _read_csv(spec.path)
+    header = list(rows[0]) if rows else []
+    id_column = spec.id_column if spec.id_column is not None else ("id" if "id" in header else None)
+    label_columns = spec.label_columns
+    if label_columns is None:
+        described = {"path", "modality", id_column, *_MANIFEST_ROW_COLUMNS}
+        label_columns = tuple(column for column in header if column not in described)
+    clashes = [name for name in label_columns if name in INDEX_COLUMNS]
+    if clashes:
+        raise ValueError(f"{spec.path}: label columns may not be named {clashes} (they are index columns)")
+    dataset = Manifest(
+        spec.path, label_columns=label_columns, id_column=id_column, transform=transform, cache=cache, on_error=on_error
+    )
+    # Manifest keeps one record per table row, in order.
+    splits = [(row.get("split") or "").strip() for row in rows]
+    groups = [(row.get("group") or "").strip() for row in rows]
+    if spec.splits is not None:
+        present = set(splits)
+        missing = [split for split in spec.splits if split not in present]
+        if missing:
+            raise ValueError(f"{spec.path}: no rows with split {missing}; the split column holds {sorted(present)}")
+        keep = [i for i, split in enumerate(splits) if split in spec.splits]
+        dataset.records = [dataset.records[i] for i in keep]
+        splits = [splits[i] for i in keep]
+        groups = [groups[i] for i in keep]
+    return EmbedDataset(dataset, tuple(splits), tuple(groups))
+
+
+def _open_named(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
+    names = _NAMED_SPLITS[spec.kind]
+    parts, splits = [], []
+    for split in spec.splits or tuple(names):
+        options = {"transform": transform, "cache": cache, "on_error": on_error}
+        if spec.kind == "mimic":
+            part = MimicCxr(spec.path, split=split, **options)
+        elif spec.kind == "chexpert":
+            part = CheXpert(spec.path, csv=f"{split}.csv", **options)
+        else:
+            part = CtRate(spec.path, split=split, fixed=spec.fixed, **options)
+        parts.append(part)
+        splits.extend([names[split]] * len(part))
+    # The splits of one data set share their class, labels and preprocessing: one dataset holds them all.
+    dataset = copy.copy(parts[0])
+    dataset.records = [record for part in parts for record in part.records]
+    return EmbedDataset(dataset, tuple(splits), _patient_numbers(dataset.records))
+
+
+def open_dataset(
+    spec: DatasetSpec,
+    transform=None,
+    cache: PreprocessCache | None = None,
+    on_error: str = "raise",
+) -> EmbedDataset:
+    """Open the images of ``spec`` in a fixed order, with their splits and groups.
+
+    ``transform``, ``cache`` and ``on_error`` are passed to the dataset (see
+    :class:`mmv.data.LabelledImageDataset`).
+    """
+    if not isinstance(spec, DatasetSpec):
+        raise TypeError(f"spec must be a DatasetSpec, got {type(spec).__name__}")
+    opened = (_open_manifest if spec.kind == "manifest" else _open_named)(spec, transform, cache, on_error)
+    if len(opened.dataset) == 0:
+        raise ValueError(f"{spec.path}: the {spec.kind} data set holds no images (splits {spec.splits or 'all'})")
+    return opened
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and preprocessing
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedEncoder:
+    """An encoder read for embedding, with the data settings of the run that trained it (when known).
+
+    Attributes:
+        encoder: the encoder, in eval mode.
+        data_config: the ``[data]`` section of the pretraining run, or None.
+        source: what was read, for the record (a path, or ``"an Encoder object"``).
+    """
+
+    encoder: Encoder
+    data_config: DataConfig | None
+    source: str
+
+
+def _run_config(path: Path) -> PretrainConfig | None:
+    """The pretraining config saved at ``path`` (a run's ``config.json``), or None if it is not one."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict) or "data" not in values or "model" not in values:
+            return None
+        return PretrainConfig.from_dict(values)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return None
+
+
+def _load_training_checkpoint(path: Path) -> LoadedEncoder:
+    state = load_checkpoint(path)
+    if state.get("format") != TRAINING_CHECKPOINT_FORMAT or not isinstance(state.get("teacher"), dict):
+        raise CheckpointError(
+            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
+        )
+    try:
+        config = PretrainConfig.from_dict(json.loads(state["config"]))
+        encoder_config = EncoderConfig.from_preset(config.model.preset, **_model_options(config.model.options))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(path, f"its run config is unusable ({error})") from error
+    weights = {
+        name[len(TEACHER_ENCODER_PREFIX):]: tensor
+        for name, tensor in state["teacher"].items()
+        if name.startswith(TEACHER_ENCODER_PREFIX)
+    }
+    encoder = Encoder(encoder_config)
+    check_state_dict(path, weights, encoder.state_dict())
+    encoder.load_state_dict(weights)
+    return LoadedEncoder(encoder.eval(), config.data, str(path))
+
+
+def _load_encoder_directory(path: Path) -> LoadedEncoder:
+    run = _run_config(path.parent / CONFIG_NAME)
+    return LoadedEncoder(Encoder.from_pretrained(path), None if run is None else run.data, str(path))
+
+
+def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
+    """Read an encoder from any of the checkpoints ``mmv embed`` accepts (see the module documentation).
+
+    Raises:
+        FileNotFoundError: nothing at the path, or a directory that is neither an encoder nor a run.
+        CheckpointError: an unreadable or foreign checkpoint, or weights that do not fit its config.
+    """
+    if isinstance(checkpoint, Encoder):
+        return LoadedEncoder(checkpoint.eval(), None, "an Encoder object")
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path or an mmv.Encoder, got {type(checkpoint).__name__}")
+    path = Path(checkpoint)
+    if path.is_file():
+        return _load_training_checkpoint(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if (path / CONFIG_NAME).is_file() and _run_config(path / CONFIG_NAME) is None:
+        return _load_encoder_directory(path)
+    if (path / "encoder" / CONFIG_NAME).is_file():
+        return _load_encoder_directory(path / "encoder")
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is not None:
+        return _load_training_checkpoint(latest)
+    raise FileNotFoundError(
+        f"{path}: neither an encoder directory ({CONFIG_NAME} + weights) nor a pretraining run "
+        "(encoder/ or checkpoints/step_*.pt)"
+    )
+
+
+def embed_preprocess(
+    data_config: DataConfig | None = None,
+    *,
+    ct_spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] | None = None,
+    xray_spacing: float | None = None,
+    xray_short_side: int | None = None,
+) -> ModalityPreprocess:
+    """The preprocessing of embedding: a run's data settings (or the defaults) with any setting replaced.
+
+    ``xray_spacing`` (mm pixels) and ``xray_short_side`` (pixels) are alternatives: give at most one.
+    """
+    data = data_config if data_config is not None else DataConfig()
+    if not isinstance(data, DataConfig):
+        raise TypeError(f"data_config must be a DataConfig or None, got {type(data).__name__}")
+    if xray_spacing is not None and xray_short_side is not None:
+        raise ValueError("give at most one of xray_spacing and xray_short_side")
+    if xray_spacing is None and xray_short_side is None:
+        xray_spacing, xray_short_side = data.xray_spacing, data.xray_short_side
+        if xray_spacing is not None:
+            xray_short_side = None
+    return ModalityPreprocess(
+        ct=CtPreprocess(
+            spacing=tuple(ct_spacing if ct_spacing is not None else data.ct_spacing),
+            window=tuple(ct_window if ct_window is not None else data.ct_window),
+        ),
+        xray=XrayPreprocess(
+            short_side=xray_short_side,
+            spacing=None if xray_spacing is None else (float(xray_spacing), float(xray_spacing)),
+        ),
+    )
+
+
+def _weights_digest(encoder: Encoder) -> str:
+    """SHA-256 of the encoder's weights (names, dtypes, shapes and bytes), whatever file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists), so settings compare equal after a round trip."""
+    return json.loads(json.dumps(value))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class EmbedRun:
+    """What a call of :func:`run_embed` did.
+
+    Attributes:
+        directory: the finished feature table.
+        num_rows: rows of the table.
+        encoded: images encoded by this call (0 when the table was already finished).
+        skipped_ids: ids left out as unreadable (``on_error="skip"``).
+        seconds: wall time of this call's encoding pass.
+        images_per_s: ``encoded / seconds`` (read, preprocess, tokenise and encode), NaN when nothing was encoded.
+    """
+
+    directory: Path
+    num_rows: int
+    encoded: int
+    skipped_ids: tuple[str, ...]
+    seconds: float
+    images_per_s: float
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available")
+    return resolved
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FeatureTableError(path, f"cannot read the run record ({error})") from error
+    if not isinstance(values, dict) or values.get("format") != RUN_FORMAT or values.get("version") != RUN_VERSION:
+        raise FeatureTableError(path, f"not a {RUN_FORMAT} version {RUN_VERSION} run record")
+    return values
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _check_same_settings(path: Path, record: dict[str, Any], settings: dict[str, Any]) -> None:
+    differing = [_SETTING_NAMES[key] for key in settings if record.get("settings", {}).get(key) != settings[key]]
+    if differing:
+        raise FeatureTableError(
+            path,
+            f"holds features made with a different {', '.join(differing)}: use another directory, or "
+            "resume=False (--no-resume) to start over",
+        )
+
+
+def _remove_table_files(directory: Path) -> None:
+    """Delete the files of a feature table written here and its run record, leaving anything else."""
+    for name in ("features.json", "index.csv", "written.npy", RUN_FILE, *(f"{array}.npy" for array in ARRAY_NAMES)):
+        (directory / name).unlink(missing_ok=True)
+
+
+def _finished_run(out_dir: Path, index: FeatureIndex, settings: dict[str, Any]) -> EmbedRun | None:
+    """The run recorded in ``out_dir`` when it finished with these settings over this index, else None."""
+    record = _read_json(out_dir / RUN_FILE)
+    if record is None or not record.get("complete"):
+        return None
+    _check_same_settings(out_dir / RUN_FILE, record, settings)
+    skipped = tuple(record.get("skipped_ids", ()))
+    unread = set(skipped)
+    expected = index.subset([row for row, row_id in enumerate(index.ids) if row_id not in unread])
+    if not read_feature_index(out_dir / "index.csv").same_as(expected):
+        raise FeatureTableError(
+            out_dir, "holds features of other images (the data set changed): use another directory, or resume=False"
+        )
+    shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
+    return EmbedRun(out_dir, len(expected), 0, skipped, 0.0, math.nan)
+
+
+def _prepare_directory(out_dir: Path, index: FeatureIndex, settings: dict[str, Any], resume: bool) -> EmbedRun | None:
+    """Make ``out_dir`` ready for a run: the finished run it holds (when resuming one), else None once
+    ``<out_dir>/partial`` is new or holds an interrupted run with the same settings."""
+    partial = out_dir / PARTIAL_DIR
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FeatureTableError(out_dir, "exists and is not a directory")
+    if not resume:
+        _remove_table_files(out_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+    elif out_dir.is_dir():
+        finished = _finished_run(out_dir, index, settings)
+        if finished is not None:
+            return finished
+        if not partial.is_dir() and (out_dir / "features.json").exists():
+            raise FeatureTableError(
+                out_dir, "holds a feature table that mmv embed did not write: use another directory, or resume=False"
+            )
+    partial.mkdir(parents=True, exist_ok=True)
+    record = _read_json(partial / RUN_FILE)
+    if record is not None:
+        _check_same_settings(partial / RUN_FILE, record, settings)
+    return None
+
+
+def _encode_pending(
+    writer: FeatureWriter,
+    dataset: LabelledImageDataset,
+    encoder: Encoder,
+    device: torch.device,
+    *,
+    max_tokens: int,
+    num_workers: int,
+    bf16: bool,
+    progress: bool,
+) -> list[int]:
+    """Encode the rows ``writer`` still lacks and write them; returns the rows skipped as unreadable."""
+    pending_rows = writer.pending_rows
+    if pending_rows.size == 0:
+        return []
+    pending = copy.copy(dataset)
+    pending.records = [dataset.records[row] for row in pending_rows]
+    counts = pending.token_counts(encoder.config.patch_size, progress=progress)
+    # An image larger than the budget is encoded alone rather than refused.
+    # Every image goes through this process, whether or not a process group is initialised.
+    sampler = TokenBudgetBatchSampler(counts, max(max_tokens, max(counts)), shuffle=False, rank=0, world_size=1)
+    batches = list(sampler)
+    loader = torch.utils.data.DataLoader(
+        pending,
+        batch_sampler=batches,
+        collate_fn=PackedCollate(Tokenizer(encoder.config.patch_size), with_labels=True),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    skipped: list[int] = []
+    bar = tqdm(total=len(pending), desc="embed", unit="img", disable=not progress)
+    try:
+        for positions, item in zip(batches, loader):
+            rows_of = {pending.records[position].id: int(pending_rows[position]) for position in positions}
+            present = [] if item is None else item.ids
+            unread = set(rows_of) - set(present)
+            skipped.extend(rows_of[row_id] for row_id in unread)
+            if present:
+                with torch.inference_mode(), autocast:
+                    out = encoder(item.batch.to(device, non_blocking=True))
+                writer.write(
+                    np.array([rows_of[row_id] for row_id in present], dtype=np.int64),
+                    {"cls": out.cls.float().cpu().numpy(), "patch_mean": out.pooled.float().cpu().numpy()},
+                )
+            bar.update(len(positions))
+    finally:
+        bar.close()
+    return skipped
+
+
+def _write_finished_table(partial: Path, out_dir: Path, kept_rows: np.ndarray) -> FeatureIndex:
+    """Copy the kept rows of the partial table into ``out_dir`` as a table of its own."""
+    tables = {name: read_feature_table(partial, name, allow_incomplete=True) for name in ARRAY_NAMES}
+    index = tables[ARRAY_NAMES[0]].index.subset(kept_rows)
+    dims = {name: int(table.features.shape[1]) for name, table in tables.items()}
+    with FeatureWriter(out_dir, index, dims) as writer:
+        for start in range(0, kept_rows.size, _COPY_ROWS):
+            chunk = kept_rows[start : start + _COPY_ROWS]
+            writer.write(
+                np.arange(start, start + chunk.size),
+                {name: table.select(chunk)[:] for name, table in tables.items()},
+            )
+    return index
+
+
+def run_embed(
+    checkpoint: str | os.PathLike | Encoder,
+    dataset: DatasetSpec,
+    out_dir: str | os.PathLike,
+    *,
+    max_tokens: int = 16384,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    bf16: bool = False,
+    ct_spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] | None = None,
+    xray_spacing: float | None = None,
+    xray_short_side: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    resume: bool = True,
+    progress: bool = True,
+) -> EmbedRun:
+    """Embed every image of ``dataset`` with the encoder of ``checkpoint`` into the feature table ``out_dir``.
+
+    Args:
+        checkpoint: an encoder directory, a training checkpoint, a pretraining run directory, or an
+            :class:`mmv.Encoder` (moved to ``device`` and put in eval mode).
+        dataset: the images (:class:`DatasetSpec`).
+        out_dir: the feature table to write (a new or empty directory, or one this function wrote).
+        max_tokens: patch tokens per encoder batch (an image with more is encoded alone).
+        num_workers: DataLoader worker processes that read, preprocess and tokenise.
+        device: where the encoder runs; default CUDA when available, else the CPU.
+        bf16: encode under bfloat16 autocast (features are stored as float32 either way).
+        ct_spacing, ct_window, xray_spacing, xray_short_side: preprocessing settings replacing those of the
+            pretraining run (see :func:`embed_preprocess`).
+        cache_dir: a :class:`mmv.data.PreprocessCache` directory for the preprocessed images.
+        on_error: ``"raise"`` stops at an unreadable image; ``"skip"`` leaves it out of the table, logs it
+            once and lists it in ``embed.json``.
+        resume: continue an interrupted run in ``out_dir`` (False starts over, deleting its table).
+        progress: show tqdm progress bars.
+
+    Returns:
+        An :class:`EmbedRun`. The table is read with :func:`mmv.eval.read_feature_table`.
+
+    Raises:
+        FeatureTableError: ``out_dir`` holds features made with other weights, preprocessing or
+            precision, or of other images, or files that are not a feature table.
+    """
+    if not isinstance(dataset, DatasetSpec):
+        raise TypeError(f"dataset must be a DatasetSpec, got {type(dataset).__name__}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    _check_positive_int(max_tokens, "max_tokens")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    if not isinstance(bf16, bool):
+        raise ValueError(f"bf16 must be a bool, got {bf16!r}")
+    device = _resolve_device(device)
+    loaded = load_encoder(checkpoint)
+    encoder = loaded.encoder.to(device).eval()
+    given = {
+        "ct_spacing": ct_spacing,
+        "ct_window": ct_window,
+        "xray_spacing": xray_spacing,
+        "xray_short_side": xray_short_side,
+    }
+    transform = embed_preprocess(loaded.data_config, **given)
+    cache = PreprocessCache(cache_dir) if cache_dir is not None else None
+    opened = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
+    index = opened.index()
+    settings = _plain(
+        {
+            "weights_sha256": _weights_digest(encoder),
+            "encoder_config": encoder.config.to_dict(),
+            "preprocess": dataclasses.asdict(transform),
+            "bf16": bf16,
+        }
+    )
+
+    out_dir = Path(out_dir)
+    partial = out_dir / PARTIAL_DIR
+    finished = _prepare_directory(out_dir, index, settings, resume)
+    if finished is not None:
+        return finished
+    record = {
+        "format": RUN_FORMAT,
+        "version": RUN_VERSION,
+        "complete": False,
+        "settings": settings,
+        "checkpoint": loaded.source,
+        "preprocess_from": {
+            "base": "the pretraining run" if loaded.data_config is not None else "the defaults",
+            "arguments": [name for name, value in given.items() if value is not None],
+        },
+        "dataset": dataset.to_dict(),
+        "max_tokens": max_tokens,
+        "device": str(device),
+    }
+    _write_json(partial / RUN_FILE, record)
+
+    started = time.perf_counter()
+    with FeatureWriter(partial, index, {name: encoder.config.embed_dim for name in ARRAY_NAMES}) as writer:
+        to_encode = int(writer.pending_rows.size)
+        skipped_rows = _encode_pending(
+            writer, opened.dataset, encoder, device,
+            max_tokens=max_tokens, num_workers=num_workers, bf16=bf16, progress=progress,
+        )
+        seconds = time.perf_counter() - started
+        kept_rows = np.setdiff1d(np.arange(len(index)), writer.pending_rows)
+
+    # The finished table replaces whatever an earlier, interrupted finishing step left in out_dir.
+    _remove_table_files(out_dir)
+    finished_index = _write_finished_table(partial, out_dir, kept_rows)
+    skipped_ids = tuple(index.ids[row] for row in sorted(skipped_rows))
+    images_per_s = to_encode / seconds if to_encode and seconds > 0 else math.nan
+    record.update(
+        complete=True,
+        num_rows=len(finished_index),
+        skipped_ids=list(skipped_ids),
+        encoded_last_call=to_encode,
+        seconds_last_call=seconds,
+        images_per_s_last_call=None if math.isnan(images_per_s) else images_per_s,
+    )
+    _write_json(out_dir / RUN_FILE, record)
+    shutil.rmtree(partial)
+    return EmbedRun(out_dir, len(finished_index), to_encode, skipped_ids, seconds, images_per_s)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``mmv embed`` to ``parser`` (a subcommand's parser); returns it."""
+    parser.add_argument("checkpoint", help="encoder directory, training checkpoint (.pt) or pretraining run directory")
+    parser.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="kind of data set")
+    parser.add_argument("--data", required=True, help="the manifest CSV, or the data set's root directory")
+    parser.add_argument("--out", required=True, help="feature table directory to write")
+    parser.add_argument(
+        "--split", dest="splits", action="append", metavar="SPLIT",
+        help="embed only this split (repeatable); default all (mimic: train, validate, test; chexpert and "
+        "ctrate: train, valid; manifest: values of its split column)",
+    )
+    parser.add_argument("--fixed", action="store_true", help="ctrate: read the header-fixed volumes")
+    parser.add_argument("--id-column", help="manifest: the id column (default 'id' when present, else the path)")
+    parser.add_argument("--label-columns", nargs="+", metavar="NAME", help="manifest: the label columns")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch (16384)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast")
+    parser.add_argument(
+        "--ct-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="CT voxel size in mm (default: the run's)"
+    )
+    parser.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU (the run's)")
+    xray = parser.add_mutually_exclusive_group()
+    xray.add_argument("--xray-spacing", type=float, help="X-ray pixel size in mm (default: the run's)")
+    xray.add_argument("--xray-short-side", type=int, help="X-ray short side in pixels (default: the run's)")
+    parser.add_argument("--cache-dir", help="preprocessing cache directory")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="unreadable images (raise)")
+    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main_embed(args: argparse.Namespace) -> int:
+    """Run ``mmv embed`` with the parsed arguments of :func:`add_embed_arguments`; returns the exit status."""
+    spec = DatasetSpec(
+        kind=args.dataset,
+        path=args.data,
+        splits=None if not args.splits else tuple(args.splits),
+        fixed=args.fixed,
+        id_column=args.id_column,
+        label_columns=None if args.label_columns is None else tuple(args.label_columns),
+    )
+    try:
+        run = run_embed(
+            args.checkpoint,
+            spec,
+            args.out,
+            max_tokens=args.max_tokens,
+            num_workers=args.num_workers,
+            device=args.device,
+            bf16=args.bf16,
+            ct_spacing=args.ct_spacing,
+            ct_window=args.ct_window,
+            xray_spacing=args.xray_spacing,
+            xray_short_side=args.xray_short_side,
+            cache_dir=args.cache_dir,
+            on_error=args.on_error,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+        )
+    except (FeatureTableError, ImageReadError) as error:
+        # The command's other input errors (ValueError, FileNotFoundError) are reported by ``mmv`` itself.
+        print(f"mmv embed: error: {error}", file=sys.stderr)
+        return 2
+    if run.encoded:
+        print(f"{run.encoded} images encoded in {run.seconds:.1f} s ({run.images_per_s:.2f} images/s)")
+    else:
+        print("the feature table was already complete")
+    if run.skipped_ids:
+        print(f"{len(run.skipped_ids)} unreadable images left out (listed in {run.directory / RUN_FILE})")
+    print(f"{run.num_rows} rows of features in {run.directory}")
+    return 0

@@ -1,0 +1,293 @@
+import argparse
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mmv.data.datasets import CHEXPERT_LABELS
+from mmv.data.io import ImageReadError
+from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
+from mmv.eval.embed import (
+    RUN_FILE,
+    DatasetSpec,
+    add_embed_arguments,
+    embed_preprocess,
+    load_encoder,
+    main_embed,
+    open_dataset,
+    run_embed,
+)
+from mmv.eval.features import FeatureTableError, read_feature_table
+from mmv.model import CheckpointError, Encoder, EncoderConfig
+from mmv.train import Trainer
+
+from train_helpers import SyntheticImages, tiny_config
+
+# Phantoms at their coarsest: a CT of 20 x 22 x 22 voxels (45 tokens) and a radiograph of 40 x 44
+# pixels (30 tokens) each; preprocessing at the same spacings leaves their sizes as they are.
+CT_SPACING = (16.0, 16.0, 16.0)
+XRAY_SPACING = 8.0
+PHANTOMS = PhantomSettings(ct_spacing=CT_SPACING, xray_spacing=XRAY_SPACING)
+NUM_PHANTOMS = 3
+PREPROCESS = {"ct_spacing": CT_SPACING, "xray_spacing": XRAY_SPACING}
+ENCODER_CONFIG = EncoderConfig(embed_dim=32, depth=2, num_heads=2, patch_size=(4, 8, 8), layer_scale_init=None)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("phantoms")
+    return write_phantom_dataset(directory, NUM_PHANTOMS, seed=1, settings=PHANTOMS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def manifest_rows(manifest):
+    with open(manifest, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+class SimulatedInterruption(Exception):
+    """Stands for the run being killed between two batches."""
+
+
+def tiny_encoder(seed=0):
+    torch.manual_seed(seed)
+    return Encoder(ENCODER_CONFIG)
+
+
+def embed(checkpoint, manifest, out_dir, **options):
+    options = {**PREPROCESS, **options}
+    return run_embed(checkpoint, DatasetSpec("manifest", manifest), out_dir, progress=False, **options)
+
+
+def test_table_holds_one_row_per_image_with_the_manifest_index(manifest, manifest_rows, tmp_path):
+    run = embed(tiny_encoder(), manifest, tmp_path / "features")
+
+    assert (run.num_rows, run.encoded, run.skipped_ids) == (2 * NUM_PHANTOMS, 2 * NUM_PHANTOMS, ())
+    for array in ("cls", "patch_mean"):
+        table = read_feature_table(tmp_path / "features", array)
+        assert table.features.shape == (2 * NUM_PHANTOMS, ENCODER_CONFIG.embed_dim)
+        assert table.features.dtype == np.float32
+        assert np.isfinite(table.features).all()
+        # Every image gets its own features.
+        assert len({row.tobytes() for row in np.asarray(table.features)}) == 2 * NUM_PHANTOMS
+    index = table.index
+    assert index.ids == tuple(row["id"] for row in manifest_rows)
+    assert index.splits == tuple(row["split"] for row in manifest_rows)
+    assert index.groups == tuple(row["group"] for row in manifest_rows)
+    assert index.modalities == tuple(row["modality"] for row in manifest_rows)
+    assert index.label_names == PHANTOM_FINDINGS
+    expected_labels = [[float(row[name]) for name in PHANTOM_FINDINGS] for row in manifest_rows]
+    np.testing.assert_array_equal(index.labels, expected_labels)
+    assert not (tmp_path / "features" / "partial").exists()
+
+
+def test_packed_features_equal_those_of_each_image_encoded_alone(manifest, tmp_path):
+    encoder = tiny_encoder()
+    # A budget of two images per batch at most, so images share packs with different neighbours.
+    embed(encoder, manifest, tmp_path / "features", max_tokens=90)
+    cls = read_feature_table(tmp_path / "features", "cls")
+    pooled = read_feature_table(tmp_path / "features", "patch_mean")
+    opened = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
+    with torch.no_grad():
+        for row in range(len(opened.dataset)):
+            out = encoder([opened.dataset[row].image])
+            np.testing.assert_allclose(cls.features[row], out.cls[0].numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(pooled.features[row], out.pooled[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_run_writes_what_an_uninterrupted_run_writes(manifest, tmp_path, monkeypatch):
+    encoder = tiny_encoder()
+    embed(encoder, manifest, tmp_path / "whole", max_tokens=90)
+
+    encoded_batches = []
+    interrupt = True
+    original_forward = Encoder.forward
+
+    def counted_forward(self, inputs, token_mask=None):
+        if interrupt and encoded_batches:
+            raise SimulatedInterruption
+        encoded_batches.append(inputs.num_images)
+        return original_forward(self, inputs, token_mask)
+
+    monkeypatch.setattr(Encoder, "forward", counted_forward)
+    with pytest.raises(SimulatedInterruption):
+        embed(encoder, manifest, tmp_path / "resumed", max_tokens=90)
+    with pytest.raises(FeatureTableError):
+        read_feature_table(tmp_path / "resumed")
+    encoded_before = encoded_batches[0]
+    interrupt = False
+    encoded_batches.clear()
+
+    run = embed(encoder, manifest, tmp_path / "resumed", max_tokens=90)
+
+    # Only the images the interrupted run had not written go through the encoder again.
+    assert 0 < encoded_before < 2 * NUM_PHANTOMS
+    assert sum(encoded_batches) == run.encoded == 2 * NUM_PHANTOMS - encoded_before
+    for array in ("cls", "patch_mean"):
+        whole = read_feature_table(tmp_path / "whole", array)
+        resumed = read_feature_table(tmp_path / "resumed", array)
+        assert resumed.index.same_as(whole.index)
+        np.testing.assert_allclose(resumed.features, whole.features, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_table_is_kept_and_other_weights_are_refused(manifest, tmp_path):
+    out_dir = tmp_path / "features"
+    embed(tiny_encoder(seed=0), manifest, out_dir)
+    first = np.array(read_feature_table(out_dir).features)
+
+    again = embed(tiny_encoder(seed=0), manifest, out_dir)
+    assert again.encoded == 0 and again.num_rows == 2 * NUM_PHANTOMS
+    with pytest.raises(FeatureTableError, match="different weights"):
+        embed(tiny_encoder(seed=1), manifest, out_dir)
+    with pytest.raises(FeatureTableError, match="different preprocessing"):
+        embed(tiny_encoder(seed=0), manifest, out_dir, ct_window=(-500.0, 500.0))
+
+    redone = embed(tiny_encoder(seed=1), manifest, out_dir, resume=False)
+    assert redone.encoded == 2 * NUM_PHANTOMS
+    assert not np.allclose(read_feature_table(out_dir).features, first)
+
+
+def test_unreadable_image_is_left_out_with_skip_and_stops_the_run_otherwise(manifest, manifest_rows, tmp_path):
+    data = tmp_path / "phantoms"
+    shutil.copytree(manifest.parent, data)
+    broken = manifest_rows[1]
+    (data / broken["path"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+    with pytest.raises(ImageReadError):
+        embed(tiny_encoder(), data / manifest.name, tmp_path / "raise")
+
+    run = embed(tiny_encoder(), data / manifest.name, tmp_path / "skip", on_error="skip")
+    assert run.skipped_ids == (broken["id"],)
+    table = read_feature_table(tmp_path / "skip")
+    assert table.index.ids == tuple(row["id"] for row in manifest_rows if row is not broken)
+    assert json.loads((tmp_path / "skip" / RUN_FILE).read_text())["skipped_ids"] == [broken["id"]]
+    # A finished run with a skipped image is finished: running again encodes nothing.
+    assert embed(tiny_encoder(), data / manifest.name, tmp_path / "skip", on_error="skip").encoded == 0
+
+
+def test_manifest_split_selects_rows(manifest, manifest_rows):
+    split = manifest_rows[0]["split"]
+    opened = open_dataset(DatasetSpec("manifest", manifest, splits=(split,)))
+    index = opened.index()
+    assert index.ids == tuple(row["id"] for row in manifest_rows if row["split"] == split)
+    assert set(index.splits) == {split}
+    with pytest.raises(ValueError, match="no rows with split"):
+        open_dataset(DatasetSpec("manifest", manifest, splits=("nonexistent",)))
+
+
+def test_training_checkpoint_run_directory_and_encoder_directory_give_the_same_features(manifest, tmp_path):
+    config = tiny_config(
+        tmp_path / "run", steps=2,
+        model={"options": {**tiny_config(tmp_path).model.options, "drop_path_rate": 0.0, "layer_scale_init": "none"}},
+        data={"ct_spacing": list(CT_SPACING), "xray_spacing": XRAY_SPACING, "xray_short_side": None},
+    )
+    Trainer(config, dataset=SyntheticImages(6)).train()
+    run_dir = tmp_path / "run"
+    checkpoint = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+
+    features = {}
+    for name, source in (("checkpoint", checkpoint), ("run", run_dir), ("encoder", run_dir / "encoder")):
+        # No preprocessing arguments: the run's own (the phantoms' spacings) must be used.
+        run_embed(source, DatasetSpec("manifest", manifest), tmp_path / name, progress=False)
+        features[name] = np.array(read_feature_table(tmp_path / name).features)
+        record = json.loads((tmp_path / name / RUN_FILE).read_text())
+        assert record["preprocess_from"] == {"base": "the pretraining run", "arguments": []}
+        assert record["settings"]["preprocess"]["ct"]["spacing"] == list(CT_SPACING)
+    np.testing.assert_array_equal(features["checkpoint"], features["encoder"])
+    np.testing.assert_array_equal(features["run"], features["encoder"])
+
+
+def test_embed_command_arguments(manifest, tmp_path, capsys):
+    encoder_dir, other_encoder_dir = tmp_path / "encoder", tmp_path / "other_encoder"
+    tiny_encoder(seed=0).save_pretrained(encoder_dir)
+    tiny_encoder(seed=1).save_pretrained(other_encoder_dir)
+    parser = add_embed_arguments(argparse.ArgumentParser(prog="mmv embed"))
+    arguments = [
+        "--dataset", "manifest", "--data", str(manifest), "--out", str(tmp_path / "features"),
+        "--ct-spacing", *map(str, CT_SPACING), "--xray-spacing", str(XRAY_SPACING), "--max-tokens", "100",
+        "--num-workers", "1", "--no-progress",
+    ]
+
+    assert main_embed(parser.parse_args([str(encoder_dir), *arguments])) == 0
+    assert main_embed(parser.parse_args([str(other_encoder_dir), *arguments])) == 2
+    assert "mmv embed: error:" in capsys.readouterr().err
+
+    table = read_feature_table(tmp_path / "features")
+    assert len(table.index) == 2 * NUM_PHANTOMS
+    record = json.loads((tmp_path / "features" / RUN_FILE).read_text())
+    assert record["checkpoint"] == str(encoder_dir)
+    assert record["preprocess_from"] == {"base": "the defaults", "arguments": ["ct_spacing", "xray_spacing"]}
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(encoder_dir), "--dataset", "nifti", "--data", "x", "--out", "y"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([
+            str(encoder_dir), "--dataset", "manifest", "--data", "x", "--out", "y", "--xray-spacing", "1",
+            "--xray-short-side", "512",
+        ])
+
+
+def write_chexpert_tables(root):
+    """``train.csv`` and ``valid.csv`` of CheXpert's layout; only Cardiomegaly is filled in."""
+    tables = {
+        "train.csv": [
+            ("train/patient00007/study1/view1_frontal.jpg", "Frontal", "-1.0"),
+            ("train/patient00007/study2/view1_frontal.jpg", "Frontal", ""),
+            ("train/patient00003/study1/view1_frontal.jpg", "Frontal", "0.0"),
+            ("train/patient00003/study1/view2_lateral.jpg", "Lateral", "0.0"),
+        ],
+        "valid.csv": [("valid/patient64541/study1/view1_frontal.jpg", "Frontal", "1.0")],
+    }
+    for name, rows in tables.items():
+        with open(root / name, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS])
+            for path, view, cardiomegaly in rows:
+                labels = [cardiomegaly if label == "Cardiomegaly" else "" for label in CHEXPERT_LABELS]
+                writer.writerow([f"CheXpert-v1.0-small/{path}", "Female", "50", view, "AP", *labels])
+
+
+def test_named_data_set_embeds_every_split_with_patient_groups(tmp_path):
+    write_chexpert_tables(tmp_path)
+    index = open_dataset(DatasetSpec("chexpert", tmp_path)).index()
+
+    assert [row_id.split("/", 2)[2] for row_id in index.ids] == [
+        "patient00007/study1/view1_frontal.jpg",
+        "patient00007/study2/view1_frontal.jpg",
+        "patient00003/study1/view1_frontal.jpg",
+        "patient64541/study1/view1_frontal.jpg",
+    ]
+    assert index.splits == ("train", "train", "train", "val")
+    # Patients are numbered within the table; their own numbers are not stored.
+    assert index.groups == ("patient_000001", "patient_000001", "patient_000002", "patient_000003")
+    column = index.label_names.index("Cardiomegaly")
+    # Uncertain (-1) and blank cells are unknown.
+    np.testing.assert_array_equal(index.labels[:, column], [np.nan, np.nan, 0.0, 1.0])
+    assert open_dataset(DatasetSpec("chexpert", tmp_path, splits="valid")).index().splits == ("val",)
+
+
+def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        DatasetSpec("nifti", manifest)
+    with pytest.raises(ValueError, match="splits of mimic"):
+        DatasetSpec("mimic", tmp_path, splits=("valid",))
+    with pytest.raises(ValueError, match="fixed"):
+        DatasetSpec("manifest", manifest, fixed=True)
+    with pytest.raises(ValueError, match="max_tokens"):
+        embed(tiny_encoder(), manifest, tmp_path / "a", max_tokens=0)
+    with pytest.raises(ValueError, match="on_error"):
+        embed(tiny_encoder(), manifest, tmp_path / "a", on_error="ignore")
+    with pytest.raises(ValueError, match="xray_spacing and xray_short_side"):
+        embed(tiny_encoder(), manifest, tmp_path / "a", xray_short_side=64)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_encoder(tmp_path / "missing")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not an mmv pretraining checkpoint"):
+        load_encoder(foreign)
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "features.json").write_text("{}")
+    with pytest.raises(FeatureTableError, match="did not write"):
+        embed(tiny_encoder(), manifest, tmp_path / "table")
