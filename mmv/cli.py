@@ -20,6 +20,9 @@ import json
 import sys
 from collections.abc import Sequence
 
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
+from mmv.eval.embed import add_embed_arguments
+
 __all__ = ["main", "build_parser"]
 
 
@@ -65,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int)
     demo.add_argument("--threads", type=_positive_int, help="torch threads")
 
-    embed_module = _embed_module()
-    if embed_module is not None:
-        embed_module.add_embed_arguments(commands.add_parser("embed", help="frozen encoder features of a data set"))
+    add_embed_arguments(commands.add_parser("embed", help="frozen encoder features of a data set"))
 
     probe = commands.add_parser("probe", help="linear probe on a feature table under an evaluation protocol")
     probe.add_argument("features", help="feature table directory")
@@ -81,22 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("features", help="feature table directory")
     analyze.add_argument("--out", required=True, help="output directory")
     analyze.add_argument("--second-features", help="a second feature table for the second modality")
-    analyze.add_argument("--modalities", nargs=2, default=("xray", "ct"), metavar=("A", "B"))
+    analyze.add_argument(
+        "--modalities", nargs=2, default=(XRAY_MODALITY, CT_MODALITY), metavar=("A", "B"),
+        help=f"the two modality tags to compare (default: {XRAY_MODALITY} {CT_MODALITY})",
+    )
     analyze.add_argument("--array", default="cls")
     analyze.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def _embed_module():
-    try:
-        from mmv.eval import embed
-    except ImportError:  # an installation without the evaluation's embedding step
-        return None
-    return embed
-
-
 def _embed(args: argparse.Namespace) -> int:
-    return _embed_module().main_embed(args)
+    from mmv.eval.embed import main_embed
+
+    return main_embed(args)
 
 
 def _pretrain(args: argparse.Namespace) -> int:

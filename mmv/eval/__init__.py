@@ -1,9 +1,11 @@
 """Evaluation of frozen features: feature tables, AUROC metrics, linear probes, protocols and the modality analysis.
 
-:func:`run_probe` and :func:`run_analysis` are the entry points of ``mmv probe`` and ``mmv analyze``.
+:func:`run_embed`, :func:`run_probe` and :func:`run_analysis` are the entry points of ``mmv embed``,
+``mmv probe`` and ``mmv analyze``.
 """
 
 from mmv.eval.commands import run_analysis, run_probe
+from mmv.eval.embed import DatasetSpec, run_embed
 from mmv.eval.features import FeatureIndex, FeatureWriter, read_feature_table
 from mmv.eval.metrics import auroc, bootstrap_auroc, macro_auroc, roc_curve
 from mmv.eval.probe import evaluate_probe, fit_linear_probe
@@ -11,6 +13,7 @@ from mmv.eval.protocols import PROTOCOLS, prepare_protocol
 
 __all__ = [
     "PROTOCOLS",
+    "DatasetSpec",
     "FeatureIndex",
     "FeatureWriter",
     "auroc",
@@ -22,5 +25,6 @@ __all__ = [
     "read_feature_table",
     "roc_curve",
     "run_analysis",
+    "run_embed",
     "run_probe",
 ]
