@@ -340,7 +340,9 @@ def main() -> None:
         rope_tokens = 64
     else:
         if not torch.cuda.is_available():
-            parser.error("no GPU is visible (use --dry-run to check the script on the CPU)")
+            # `make bench` runs every benchmark on machines without a GPU too: say so and succeed.
+            print("bench_gpu.py: no GPU is visible, nothing measured (--dry-run checks the script on the CPU)")
+            return
         device = torch.device("cuda")
         workloads = {name: WORKLOADS[name] for name in ("mixed", "long")}
         rope_tokens = ROPE_LARGE_TOKENS
@@ -349,14 +351,15 @@ def main() -> None:
     limits = measure_limits(device, args.dry_run)
     peak = limits["matmul_bf16_tflop_per_s"]
 
-    # Most important first: the targets are set on the mixed workload in bfloat16.
+    # Most important first: rope3d (seconds), then attention on the mixed workload, where the targets
+    # are set, before the long one; FlexAttention's compiles make the mixed bfloat16 cases the slowest.
     cases = []
     for dtype_label in args.dtypes:
+        cases.append(("rope3d", f"{rope_tokens}tok", dtype_label, None))
+        cases.append(("rope3d", "mixed", dtype_label, None))
         for workload in ("mixed", "long"):
             for direction in ("fwd", "fwd+bwd"):
                 cases.append(("attention", workload, dtype_label, direction))
-        cases.append(("rope3d", "mixed", dtype_label, None))
-        cases.append(("rope3d", f"{rope_tokens}tok", dtype_label, None))
 
     problems: dict[tuple[str, str], Problem] = {}
     rows: list[dict] = []
