@@ -15,7 +15,8 @@ packed_attention, forward and forward + backward, against:
 rope3d on the workload's queries (a ``qkv[:, 0]`` view, as in the encoder), forward and forward +
 backward, against a plain PyTorch RoPE written the usual way: angles from positions, ``cos``/``sin``
 tables, ``x * cos + rotate_half(x) * sin``; once with the tables built in the call (``plain_rope``)
-and once with them built beforehand (``plain_rope_cached``).
+and once with them built beforehand (``plain_rope_cached``). ``copy_limit``, a clone of x, is not RoPE
+but the least any op producing a new tensor from x costs.
 
 Speed: median over ``--repeats`` timed runs after ``--warmup`` untimed ones, the methods interleaved
 so that a busy machine slows all alike; a method whose single run exceeds ``--budget-s`` / repeats gets
@@ -56,7 +57,7 @@ ROPE_SECTIONS = (12, 10, 10)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DIRECTIONS = ("fwd", "fwd+bwd")
 ATTENTION_BASELINES = ("sdpa_loop", "sdpa_padded", "sdpa_nested", "flex")
-ROPE_BASELINES = ("plain_rope", "plain_rope_cached")
+ROPE_BASELINES = ("plain_rope", "plain_rope_cached", "copy_limit")
 BACKWARD_FLOP_FACTOR = {"fwd": 1.0, "fwd+bwd": 3.5}
 # Largest |difference| to mmv's output tolerated before a method is reported as disagreeing.
 AGREEMENT = {torch.float32: 2e-3, torch.bfloat16: 5e-2}
@@ -116,6 +117,7 @@ class Method:
     to_native: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     from_native: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     setup_s: float = 0.0
+    computes_the_op: bool = True  # False for a limit such as a plain copy, whose output is not checked
 
 
 def mmv_attention(problem: Problem) -> Method:
@@ -236,7 +238,12 @@ def plain_rope_cached(problem: Problem) -> Method:
     return Method("plain_rope_cached", lambda x: x * cos + rotate_half(x) * sin)
 
 
-ROPE_METHODS = {"plain_rope": plain_rope, "plain_rope_cached": plain_rope_cached}
+def copy_limit(problem: Problem) -> Method:
+    """Not RoPE: a copy of x into a new tensor, the least any out-of-place op on x costs."""
+    return Method("copy_limit", lambda x: x.clone(), computes_the_op=False)
+
+
+ROPE_METHODS = {"plain_rope": plain_rope, "plain_rope_cached": plain_rope_cached, "copy_limit": copy_limit}
 
 
 # Timing -------------------------------------------------------------------------------------------
@@ -336,7 +343,7 @@ def run_case(
             continue
         if reference is None:
             reference = output.float()
-        else:
+        elif method.computes_the_op:
             row["max_abs_diff"] = (output.float() - reference).abs().max().item()
             if row["max_abs_diff"] > AGREEMENT[problem.dtype]:
                 row["error"] = f"disagrees with mmv by {row['max_abs_diff']:.3g}"
@@ -377,13 +384,14 @@ def measure_limits(device: torch.device, dtypes: list[torch.dtype], repeats: int
             synchronize(device)
             times.append(time.perf_counter() - start)
         limits[f"matmul_{dtype_name(dtype)}_gflop_per_s"] = 2 * size**3 / statistics.median(times) / 1e9
-    source = torch.empty(64 * 2**20, device=device)  # 256 MB
-    source.clone()
+    # Into a buffer written before, so that first-touch page faults are not counted.
+    source, destination = torch.ones(2, 64 * 2**20, device=device)  # 256 MB each
+    destination.copy_(source)
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        source.clone()
+        destination.copy_(source)
         synchronize(device)
         times.append(time.perf_counter() - start)
     limits["copy_gb_per_s"] = 2 * source.numel() * source.element_size() / statistics.median(times) / 1e9
