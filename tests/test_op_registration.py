@@ -146,3 +146,11 @@ def test_packed_attention_falls_back_to_the_reference_with_a_warning(without_ker
     with pytest.warns(RuntimeWarning, match="reference"):
         out = packed_attention(q, k, v, cu_seqlens)
     assert torch.equal(out, reference.packed_attention(q, k, v, cu_seqlens))
+
+
+def test_packed_attention_fallback_differentiates_a_batch_without_tokens(without_kernels):
+    q, k, v = (torch.empty(0, 2, 16, requires_grad=True) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match="reference"):
+        out = packed_attention(q, k, v, cu_seqlens_of([0, 0]))
+    grads = torch.autograd.grad(out, (q, k, v), torch.empty(0, 2, 16))
+    assert [g.shape for g in grads] == [(0, 2, 16)] * 3
