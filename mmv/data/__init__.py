@@ -37,6 +37,7 @@ from mmv.data.preprocess import (
     resize_xray,
 )
 from mmv.data.sampler import TokenBudgetBatchSampler
+from mmv.data.tables import TableError, read_table
 
 __all__ = [
     "CHEXPERT_COMPETITION_LABELS",
@@ -57,7 +58,9 @@ __all__ = [
     "PackedCollate",
     "PreprocessCache",
     "Sample",
+    "TableError",
     "TokenBudgetBatchSampler",
+    "read_table",
     "XrayPreprocess",
     "crop_or_pad",
     "ct_window",

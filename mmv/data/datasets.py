@@ -9,13 +9,11 @@ reason, and is counted in :attr:`LabelledImageDataset.skipped`; one bad file nev
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmv.data.cache import PreprocessCache
 from mmv.data.io import ImageInfo, ImageReadError, inspect_nifti_header, read_image, read_image_info
+from mmv.data.tables import TableError, read_table
 from mmv.image import Image
 from mmv.tokenizer import count_tokens
 
@@ -279,21 +278,6 @@ def _nominal_spacing(shape: Sequence[int]) -> tuple[float, float]:
     return (pixel, pixel)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: table not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as stream:
-        return list(csv.DictReader(stream))
-
-
-def _require_columns(rows: list[dict[str, str]], columns: Iterable[str], path: Path) -> None:
-    present = set(rows[0]) if rows else set()
-    missing = [column for column in columns if column not in present]
-    if rows and missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
-
-
 def _label_value(text: str | None) -> float:
     """A table cell as a label: blank means not mentioned, which is unknown (NaN)."""
     if text is None or not text.strip():
@@ -337,11 +321,9 @@ class MimicCxr(_RadiographDataset):
         split_path = root / "mimic-cxr-2.0.0-split.csv.gz"
         metadata_path = root / "mimic-cxr-2.0.0-metadata.csv.gz"
         labels_path = root / "mimic-cxr-2.0.0-chexpert.csv.gz"
-        split_rows = _read_csv(split_path)
-        _require_columns(split_rows, ("dicom_id", "split"), split_path)
+        split_rows = read_table(split_path, ("dicom_id", "split"))
         in_split = {row["dicom_id"] for row in split_rows if row["split"] == split}
-        label_rows = _read_csv(labels_path)
-        _require_columns(label_rows, ("subject_id", "study_id", *CHEXPERT_LABELS), labels_path)
+        label_rows = read_table(labels_path, ("subject_id", "study_id", *CHEXPERT_LABELS))
         study_labels = {
             (row["subject_id"], row["study_id"]): tuple(
                 _apply_policy(_label_value(row[name]), policy) for name, policy in zip(CHEXPERT_LABELS, policies)
@@ -349,9 +331,8 @@ class MimicCxr(_RadiographDataset):
             for row in label_rows
         }
         unknown = (math.nan,) * len(CHEXPERT_LABELS)
-        metadata_rows = _read_csv(metadata_path)
-        _require_columns(
-            metadata_rows, ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"), metadata_path
+        metadata_rows = read_table(
+            metadata_path, ("dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns")
         )
         records = []
         for row in metadata_rows:
@@ -411,8 +392,7 @@ class CheXpert(_RadiographDataset):
         policies = _uncertainty_policies(uncertainty, labels)
         root = Path(root)
         table_path = root / csv
-        rows = _read_csv(table_path)
-        _require_columns(rows, ("Path", "Frontal/Lateral", *labels), table_path)
+        rows = read_table(table_path, ("Path", "Frontal/Lateral", *labels))
         records = []
         for row in rows:
             if frontal_only and row["Frontal/Lateral"].strip().lower() != "frontal":
@@ -492,15 +472,12 @@ class CtRate(LabelledImageDataset):
             root = root / "dataset"
         metadata_path = root / "metadata" / f"{'validation' if split == 'valid' else 'train'}_metadata.csv"
         labels_path = root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
-        metadata_rows = _read_csv(metadata_path)
-        _require_columns(
-            metadata_rows,
+        metadata_rows = read_table(
+            metadata_path,
             ("VolumeName", "Rows", "Columns", "NumberofSlices", "XYSpacing", "ZSpacing")
             + ("RescaleSlope", "RescaleIntercept"),
-            metadata_path,
         )
-        label_rows = _read_csv(labels_path)
-        _require_columns(label_rows, ("VolumeName", *CT_RATE_LABELS), labels_path)
+        label_rows = read_table(labels_path, ("VolumeName", *CT_RATE_LABELS))
         labels = {row["VolumeName"]: tuple(_label_value(row[name]) for name in CT_RATE_LABELS) for row in label_rows}
         unknown = (math.nan,) * len(CT_RATE_LABELS)
         volumes = root / (f"{split}_fixed" if fixed else split)
@@ -570,13 +547,15 @@ class Manifest(LabelledImageDataset):
         on_error: str = "raise",
     ) -> None:
         table = Path(csv)
-        rows = _read_csv(table)
+        rows = read_table(table)
         fixed_columns = [path_column, modality_column] + ([id_column] if id_column else [])
         if label_columns is None:
             header = list(rows[0]) if rows else []
             label_columns = [column for column in header if column not in fixed_columns]
         label_columns = tuple(label_columns)
-        _require_columns(rows, (*fixed_columns, *label_columns), table)
+        missing = [column for column in (*fixed_columns, *label_columns) if rows and column not in rows[0]]
+        if missing:
+            raise TableError(table, f"missing columns {missing}")
         records = []
         for line, row in enumerate(rows, start=2):
             try:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["TokenBudgetBatchSampler"]
+__all__ = ["TokenBudgetBatchSampler", "check_positive_int"]
 
 
 class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -60,15 +60,15 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         if np.any(counts < 1):
             bad = int(np.flatnonzero(counts < 1)[0])
             raise ValueError(f"token_counts must be positive, got {int(counts[bad])} at index {bad}")
-        _check_positive_int(max_tokens, "max_tokens")
+        check_positive_int(max_tokens, "max_tokens")
         if np.any(counts > max_tokens):
             bad = int(np.argmax(counts))
             raise ValueError(
                 f"max_tokens ({max_tokens}) must hold every sample alone: sample {bad} has {int(counts[bad])} tokens"
             )
-        _check_positive_int(window, "window")
+        check_positive_int(window, "window")
         if max_images is not None:
-            _check_positive_int(max_images, "max_images")
+            check_positive_int(max_images, "max_images")
         if weights is not None:
             weights = torch.as_tensor(weights, dtype=torch.float64)
             if weights.shape != (counts.size,):
@@ -78,7 +78,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
                 raise ValueError("weights must be finite, non-negative and not all zero")
             num_samples = counts.size if num_samples is None else num_samples
-            _check_positive_int(num_samples, "num_samples")
+            check_positive_int(num_samples, "num_samples")
         elif num_samples is not None:
             raise ValueError("num_samples applies only with weights")
         if world_size is None:
@@ -86,7 +86,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
             world_size = torch.distributed.get_world_size() if distributed else 1
             if rank is None:
                 rank = torch.distributed.get_rank() if distributed else 0
-        _check_positive_int(world_size, "world_size")
+        check_positive_int(world_size, "world_size")
         if rank is None:
             rank = 0
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -173,6 +173,7 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         return batches[self.rank :: self.world_size]
 
 
-def _check_positive_int(value, name: str) -> None:
+def check_positive_int(value, name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (bool is not an int here)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -59,10 +59,11 @@ from tqdm.auto import tqdm
 from mmv.checkpoint import latest_checkpoint, load_checkpoint
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
-from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr, _read_csv
+from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
 from mmv.data.io import ImageReadError
 from mmv.data.preprocess import CtPreprocess, XrayPreprocess
-from mmv.data.sampler import TokenBudgetBatchSampler, _check_positive_int
+from mmv.data.sampler import TokenBudgetBatchSampler, check_positive_int
+from mmv.data.tables import read_table
 from mmv.eval.features import (
     INDEX_COLUMNS,
     FeatureIndex,
@@ -224,7 +225,7 @@ def _patient_numbers(records) -> tuple[str, ...]:
 
 
 def _open_manifest(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
-    rows = _read_csv(spec.path)
+    rows = read_table(spec.path)
     header = list(rows[0]) if rows else []
     id_column = spec.id_column if spec.id_column is not None else ("id" if "id" in header else None)
     label_columns = spec.label_columns
@@ -650,7 +651,7 @@ def run_embed(
         raise TypeError(f"dataset must be a DatasetSpec, got {type(dataset).__name__}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    _check_positive_int(max_tokens, "max_tokens")
+    check_positive_int(max_tokens, "max_tokens")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
     if not isinstance(bf16, bool):

@@ -35,9 +35,6 @@ Carved validation (and test) shares are drawn over groups (patients), never spli
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +43,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from mmv.data.datasets import CHEXPERT_COMPETITION_LABELS, CHEXPERT_LABELS, CT_RATE_LABELS
+from mmv.data.tables import TableError, read_table
 from mmv.eval.features import FeatureTable
 
 __all__ = [
@@ -82,13 +80,8 @@ _SPLIT_ALIASES = {
 }
 
 
-class LabelFileError(Exception):
+class LabelFileError(TableError):
     """A label file that is missing, unreadable or not in the layout its protocol expects."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = Path(path)
-        self.reason = reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,32 +98,12 @@ class LabelTable:
     labels: np.ndarray
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open(encoding="utf-8", newline="")
-
-
-def _read_csv(path: Path, required: Sequence[str]) -> tuple[dict[str, int], list[list[str]]]:
-    """Header positions of the required columns and the data rows of a (possibly gzipped) CSV file."""
+def _read_labels(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a label file, or LabelFileError."""
     try:
-        with _open_text(path) as handle:
-            rows = list(csv.reader(handle))
-    except FileNotFoundError:
-        raise LabelFileError(path, "file not found") from None
-    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as error:
-        raise LabelFileError(path, f"cannot read ({error})") from error
-    if not rows:
-        raise LabelFileError(path, "empty file, expected a header row")
-    header = {name.strip(): i for i, name in enumerate(rows[0])}
-    missing = [name for name in required if name not in header]
-    if missing:
-        raise LabelFileError(path, f"missing columns {missing}")
-    body = [row for row in rows[1:] if any(cell.strip() for cell in row)]
-    for line, row in enumerate(body, start=2):
-        if len(row) < len(rows[0]):
-            raise LabelFileError(path, f"line {line} has {len(row)} cells, the header {len(rows[0])}")
-    return header, body
+        return read_table(path, required)
+    except TableError as error:
+        raise LabelFileError(error.path, error.reason) from None
 
 
 def _label_value(cell: str, path: Path, line: int, column: str) -> float:
@@ -148,13 +121,12 @@ def _label_value(cell: str, path: Path, line: int, column: str) -> float:
 
 
 def _label_rows(
-    path: Path, body: list[list[str]], header: dict[str, int], label_names: Sequence[str],
-    map_value: Callable[[str, float], float],
+    path: Path, rows: list[dict[str, str]], label_names: Sequence[str], map_value: Callable[[str, float], float]
 ) -> np.ndarray:
-    labels = np.empty((len(body), len(label_names)))
-    for i, row in enumerate(body):
+    labels = np.empty((len(rows), len(label_names)))
+    for i, row in enumerate(rows):
         for j, name in enumerate(label_names):
-            labels[i, j] = map_value(name, _label_value(row[header[name]], path, i + 2, name))
+            labels[i, j] = map_value(name, _label_value(row[name], path, i + 2, name))
     return labels
 
 
@@ -181,16 +153,16 @@ def _chexpert_labels(root: Path) -> LabelTable:
     keys, groups, splits, label_blocks = [], [], [], []
     for file_name, split in (("train.csv", "train"), ("valid.csv", "test")):
         path = root / file_name
-        header, body = _read_csv(path, ("Path",) + CHEXPERT5_LABELS)
-        for line, row in enumerate(body, start=2):
-            key = chexpert_key(row[header["Path"]])
+        rows = _read_labels(path, ("Path",) + CHEXPERT5_LABELS)
+        for line, row in enumerate(rows, start=2):
+            key = chexpert_key(row["Path"])
             parts = PurePosixPath(key).parts
             if len(parts) != 4:
                 raise LabelFileError(path, f"line {line}: Path {key!r} is not split/patient/study/view")
             keys.append(key)
             groups.append(parts[1])
             splits.append(split)
-        label_blocks.append(_label_rows(path, body, header, CHEXPERT5_LABELS, train_value))
+        label_blocks.append(_label_rows(path, rows, CHEXPERT5_LABELS, train_value))
     return LabelTable(tuple(keys), tuple(groups), tuple(splits), CHEXPERT5_LABELS, np.concatenate(label_blocks))
 
 
@@ -210,25 +182,24 @@ def _mimic_labels(root: Path) -> LabelTable:
             return 0.0
         return float("nan") if value == -1.0 else value
 
-    header, body = _read_csv(label_path, ("subject_id", "study_id") + MIMIC14_LABELS)
-    study_labels = _label_rows(label_path, body, header, MIMIC14_LABELS, study_value)
+    label_rows = _read_labels(label_path, ("subject_id", "study_id") + MIMIC14_LABELS)
+    study_labels = _label_rows(label_path, label_rows, MIMIC14_LABELS, study_value)
     study_rows = {}
-    for i, row in enumerate(body):
-        study = (row[header["subject_id"]].strip(), row[header["study_id"]].strip())
+    for i, row in enumerate(label_rows):
+        study = (row["subject_id"].strip(), row["study_id"].strip())
         if study in study_rows:
             raise LabelFileError(label_path, f"line {i + 2}: study {study[1]} of subject {study[0]} appears twice")
         study_rows[study] = i
 
-    header, body = _read_csv(split_path, ("dicom_id", "study_id", "subject_id", "split"))
     keys, groups, splits, rows = [], [], [], []
-    for line, row in enumerate(body, start=2):
-        split = _SPLIT_ALIASES.get(row[header["split"]].strip().lower())
+    for line, row in enumerate(_read_labels(split_path, ("dicom_id", "study_id", "subject_id", "split")), start=2):
+        split = _SPLIT_ALIASES.get(row["split"].strip().lower())
         if split is None:
-            raise LabelFileError(split_path, f"line {line}: split {row[header['split']]!r} is not train/validate/test")
-        study = (row[header["subject_id"]].strip(), row[header["study_id"]].strip())
+            raise LabelFileError(split_path, f"line {line}: split {row['split']!r} is not train/validate/test")
+        study = (row["subject_id"].strip(), row["study_id"].strip())
         if study not in study_rows:
             continue
-        keys.append(file_stem_key(row[header["dicom_id"]]))
+        keys.append(file_stem_key(row["dicom_id"]))
         groups.append(study[0])
         splits.append(split)
         rows.append(study_rows[study])
@@ -241,16 +212,16 @@ def _ctrate_labels(root: Path) -> LabelTable:
     keys, groups, splits, label_blocks = [], [], [], []
     for file_name, split in (("train_predicted_labels.csv", "train"), ("valid_predicted_labels.csv", "test")):
         path = label_dir / file_name
-        header, body = _read_csv(path, ("VolumeName",) + CTRATE18_LABELS)
-        for line, row in enumerate(body, start=2):
-            key = file_stem_key(row[header["VolumeName"]])
+        label_rows = _read_labels(path, ("VolumeName",) + CTRATE18_LABELS)
+        for line, row in enumerate(label_rows, start=2):
+            key = file_stem_key(row["VolumeName"])
             parts = key.split("_")
             if len(parts) != 4:
                 raise LabelFileError(path, f"line {line}: volume name {key!r} is not split_patient_scan_recon")
             keys.append(key)
             groups.append(f"{parts[0]}_{parts[1]}")
             splits.append(split)
-        labels = _label_rows(path, body, header, CTRATE18_LABELS, lambda name, value: value)
+        labels = _label_rows(path, label_rows, CTRATE18_LABELS, lambda name, value: value)
         if (labels == -1.0).any() or np.isnan(labels).any():
             raise LabelFileError(path, "CT-RATE labels must all be 0 or 1")
         label_blocks.append(labels)
