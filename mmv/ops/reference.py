@@ -71,7 +71,7 @@ def packed_attention_fwd(
     if scale is None:
         scale = head_dim**-0.5
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=compute_dtype, device=q.device)
+    outputs = []
     lse = torch.full((num_heads, num_tokens), float("-inf"), dtype=torch.float32, device=q.device)
     for start, end in _sequence_bounds(cu_seqlens):
         if end == start:
@@ -82,8 +82,10 @@ def packed_attention_fwd(
         scores = scale * qs @ ks.transpose(1, 2)  # (H, L, L)
         seq_lse = torch.logsumexp(scores, dim=-1)  # (H, L)
         probs = torch.exp(scores - seq_lse[..., None])
-        out[start:end] = (probs @ vs).transpose(0, 1)
+        outputs.append((probs @ vs).transpose(0, 1))
         lse[:, start:end] = seq_lse.float()
+    # A batch without tokens still returns an output connected to q, k and v for autograd.
+    out = torch.cat(outputs) if outputs else (q + k + v).to(compute_dtype) * 0
     return out.to(q.dtype), lse
 
 
