@@ -119,4 +119,26 @@ inline void check_cu_seqlens_values(const int32_t* cu, int64_t batch, int64_t nu
                     num_tokens, ", got cu_seqlens[", batch, "] = ", cu[batch]);
 }
 
+// The extra operands of packed_attention_bwd: dout and out like q, lse float32 (heads, tokens).
+inline void check_backward_operands(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
+                                    const at::Tensor& lse, const char* op) {
+  check_token_head_tensor(dout, op, "dout");
+  check_token_head_tensor(out, op, "out");
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), op, ": dout must have the shape of q ", q.sizes(), ", got ",
+                    dout.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), op, ": out must have the shape of q ", q.sizes(), ", got ",
+                    out.sizes());
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), op, ": dout must have q's dtype ", q.scalar_type(),
+                   ", got ", dout.scalar_type());
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": out must have q's dtype ", q.scalar_type(),
+                   ", got ", out.scalar_type());
+  check_same_device(dout, q, op, "dout", "q");
+  check_same_device(out, q, op, "out", "q");
+  check_same_device(lse, q, op, "lse", "q");
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
+                    ": lse must have shape (heads, tokens) = (", q.size(1), ", ", q.size(0), "), got ",
+                    lse.sizes());
+}
+
 }  // namespace mmv

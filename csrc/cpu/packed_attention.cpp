@@ -653,19 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd_cpu(
     bool deterministic) {
   constexpr const char* op = "packed_attention_bwd";
   check_packed_attention_args(q, k, v, cu_seqlens, max_seqlen, scale, op);
-  check_token_head_tensor(dout, op, "dout");
-  check_token_head_tensor(out, op, "out");
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-                    ": dout and out must have the shape of q ", q.sizes(), ", got ", dout.sizes(), " and ",
-                    out.sizes());
-  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-                   ": dout and out must have q's dtype ", q.scalar_type());
-  check_same_device(dout, q, op, "dout", "q");
-  check_same_device(out, q, op, "out", "q");
-  check_same_device(lse, q, op, "lse", "q");
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
-                    ": lse must have shape (heads, tokens) = (", q.size(1), ", ", q.size(0), "), got ", lse.sizes());
+  check_backward_operands(dout, q, out, lse, op);
   (void)validate;
   (void)deterministic;
   const at::Tensor cu = cu_seqlens.contiguous();

@@ -1,4 +1,4 @@
-// Pieces shared by the CUDA forward and backward of packed_attention: element types, sequence bounds
+// Pieces shared by the CUDA forward and backward of packed_attention: sequence bounds
 // that stay inside the token range whatever cu_seqlens holds, warp reductions, and the host-side
 // argument handling (the cu_seqlens value check, 16-byte alignment, device limits).
 #pragma once
@@ -17,53 +17,10 @@
 #include <utility>
 
 #include "../checks.h"
+#include "element_types.cuh"
 
 namespace mmv {
 namespace attention {
-
-// c10's element types and the CUDA types the kernels compute with.
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-
-// float64 inputs compute in float64; everything else accumulates in float32.
-template <typename T>
-using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T>
-__device__ __forceinline__ opmath_t<T> to_opmath(T v) {
-  return static_cast<opmath_t<T>>(v);
-}
-template <>
-__device__ __forceinline__ float to_opmath<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <>
-__device__ __forceinline__ float to_opmath<__half>(__half v) {
-  return __half2float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_opmath(opmath_t<T> v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_opmath<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 // Token range [start, end) of sequence b, clamped into [0, num_tokens] with end >= start. With
 // validate=False nothing has checked cu_seqlens, so every kernel reads its bounds through this: a
@@ -125,28 +82,6 @@ inline void check_cu_seqlens_on_host(const at::Tensor& cu_seqlens, int64_t num_t
                                      const char* op) {
   const at::Tensor host = cu_seqlens.cpu().contiguous();
   check_cu_seqlens_values(host.data_ptr<int32_t>(), host.size(0) - 1, num_tokens, max_seqlen, op);
-}
-
-// The extra operands of the backward op: dout and out like q, lse float32 (H, T).
-inline void check_backward_operands(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
-                                    const at::Tensor& lse, const char* op) {
-  check_token_head_tensor(dout, op, "dout");
-  check_token_head_tensor(out, op, "out");
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), op, ": dout must have the shape of q ", q.sizes(), ", got ",
-                    dout.sizes());
-  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), op, ": out must have the shape of q ", q.sizes(), ", got ",
-                    out.sizes());
-  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), op, ": dout must have q's dtype ", q.scalar_type(),
-                   ", got ", dout.scalar_type());
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": out must have q's dtype ", q.scalar_type(),
-                   ", got ", out.scalar_type());
-  check_same_device(dout, q, op, "dout", "q");
-  check_same_device(out, q, op, "out", "q");
-  check_same_device(lse, q, op, "lse", "q");
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
-                    ": lse must have shape (heads, tokens) = (", q.size(1), ", ", q.size(0), "), got ",
-                    lse.sizes());
 }
 
 // The tensor-core kernels move rows in 16-byte pieces: base pointer and the token and head strides

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "../checks.h"
+#include "element_types.cuh"
 
 namespace mmv {
 namespace {
@@ -38,37 +39,13 @@ struct RopeArgs {
   const float* freqs;   // (P,)
 };
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  return static_cast<float>(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-
 // kVec elements move per load; kVec == 1 is the path for layouts that are not 16-byte aligned.
-template <typename scalar_t, typename opmath_t, int kVec, bool kInterleaved>
+template <typename scalar_t, int kVec, bool kInterleaved>
 __global__ void __launch_bounds__(kThreads)
     rope3d_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, RopeArgs a) {
-  __shared__ opmath_t sin_tile[kTokensPerBlock][kMaxPairs];
-  __shared__ opmath_t cos_tile[kTokensPerBlock][kMaxPairs];
+  using acc_t = opmath_t<scalar_t>;
+  __shared__ acc_t sin_tile[kTokensPerBlock][kMaxPairs];
+  __shared__ acc_t cos_tile[kTokensPerBlock][kMaxPairs];
   const int64_t token0 = static_cast<int64_t>(blockIdx.x) * kTokensPerBlock;
 
   for (int i = threadIdx.x; i < kTokensPerBlock * a.num_rotated; i += kThreads) {
@@ -78,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
     if (t >= a.num_tokens) continue;
     const int axis = j < a.sections_z ? 0 : (j < a.sections_zy ? 1 : 2);
     const float theta = a.coords[3 * t + axis] * a.freqs[j];  // float32 angle, as defined
-    if constexpr (sizeof(opmath_t) == 8) {
+    if constexpr (sizeof(acc_t) == 8) {
       double s, c;
       sincos(static_cast<double>(theta), &s, &c);
       sin_tile[local][j] = s;
@@ -120,11 +97,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int p = 0; p < kVec / 2; ++p) {
         const int j = j0 + p;
         if (j < a.num_rotated) {
-          const opmath_t u = to_float(buf.v[2 * p]);
-          const opmath_t v = to_float(buf.v[2 * p + 1]);
-          const opmath_t c = cos_tile[local][j], s = sin_tile[local][j];
-          buf.v[2 * p] = from_float<scalar_t>(u * c - v * s);
-          buf.v[2 * p + 1] = from_float<scalar_t>(v * c + u * s);
+          const acc_t u = to_opmath(buf.v[2 * p]);
+          const acc_t v = to_opmath(buf.v[2 * p + 1]);
+          const acc_t c = cos_tile[local][j], s = sin_tile[local][j];
+          buf.v[2 * p] = from_opmath<scalar_t>(u * c - v * s);
+          buf.v[2 * p + 1] = from_opmath<scalar_t>(v * c + u * s);
         }
       }
       *reinterpret_cast<uint4*>(out_row + 2 * j0) = buf.raw;
@@ -140,11 +117,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int p = 0; p < kVec; ++p) {
         const int j = j0 + p;
         if (j < a.num_rotated) {
-          const opmath_t u = to_float(ubuf.v[p]);
-          const opmath_t v = to_float(vbuf.v[p]);
-          const opmath_t c = cos_tile[local][j], s = sin_tile[local][j];
-          ubuf.v[p] = from_float<scalar_t>(u * c - v * s);
-          vbuf.v[p] = from_float<scalar_t>(v * c + u * s);
+          const acc_t u = to_opmath(ubuf.v[p]);
+          const acc_t v = to_opmath(vbuf.v[p]);
+          const acc_t c = cos_tile[local][j], s = sin_tile[local][j];
+          ubuf.v[p] = from_opmath<scalar_t>(u * c - v * s);
+          vbuf.v[p] = from_opmath<scalar_t>(v * c + u * s);
         }
       }
       *reinterpret_cast<uint4*>(out_row + j0) = ubuf.raw;
@@ -153,12 +130,12 @@ __global__ void __launch_bounds__(kThreads)
       const int j = j0;
       const int iu = kInterleaved ? 2 * j : j;
       const int iv = kInterleaved ? 2 * j + 1 : j + a.num_pairs;
-      const opmath_t u = to_float(in_row[iu]);
-      const opmath_t v = to_float(in_row[iv]);
+      const acc_t u = to_opmath(in_row[iu]);
+      const acc_t v = to_opmath(in_row[iv]);
       if (j < a.num_rotated) {
-        const opmath_t c = cos_tile[local][j], s = sin_tile[local][j];
-        out_row[iu] = from_float<scalar_t>(u * c - v * s);
-        out_row[iv] = from_float<scalar_t>(v * c + u * s);
+        const acc_t c = cos_tile[local][j], s = sin_tile[local][j];
+        out_row[iu] = from_opmath<scalar_t>(u * c - v * s);
+        out_row[iv] = from_opmath<scalar_t>(v * c + u * s);
       } else {
         out_row[iu] = in_row[iu];
         out_row[iv] = in_row[iv];
@@ -167,29 +144,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct CudaType<c10::Half> {
-  using type = __half;
-};
-
-template <typename scalar_t, typename opmath_t, int kVec>
+template <typename scalar_t, int kVec>
 void launch(const at::Tensor& x, at::Tensor& out, const RopeArgs& args, bool interleaved,
             cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((args.num_tokens + kTokensPerBlock - 1) / kTokensPerBlock));
   const auto* in_ptr = reinterpret_cast<const scalar_t*>(x.data_ptr());
   auto* out_ptr = reinterpret_cast<scalar_t*>(out.data_ptr());
   if (interleaved) {
-    rope3d_kernel<scalar_t, opmath_t, kVec, true><<<grid, kThreads, 0, stream>>>(in_ptr, out_ptr, args);
+    rope3d_kernel<scalar_t, kVec, true><<<grid, kThreads, 0, stream>>>(in_ptr, out_ptr, args);
   } else {
-    rope3d_kernel<scalar_t, opmath_t, kVec, false><<<grid, kThreads, 0, stream>>>(in_ptr, out_ptr, args);
+    rope3d_kernel<scalar_t, kVec, false><<<grid, kThreads, 0, stream>>>(in_ptr, out_ptr, args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -223,7 +187,6 @@ at::Tensor rope3d_cuda(const at::Tensor& x, const at::Tensor& coords, const at::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope3d_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
-    using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     constexpr int kVec = 16 / sizeof(scalar_t);
     // 16-byte accesses need the base, both strides and the half-row (or row) to be multiples of
     // 16 bytes; otherwise take the element-wise path.
@@ -232,9 +195,9 @@ at::Tensor rope3d_cuda(const at::Tensor& x, const at::Tensor& coords, const at::
                          reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 &&
                          x.stride(0) % kVec == 0 && x.stride(1) % kVec == 0 && granule % kVec == 0;
     if (aligned && kVec >= 2) {
-      launch<cuda_t, opmath_t, kVec>(x, out, args, interleaved, stream);
+      launch<cuda_t, kVec>(x, out, args, interleaved, stream);
     } else {
-      launch<cuda_t, opmath_t, 1>(x, out, args, interleaved, stream);
+      launch<cuda_t, 1>(x, out, args, interleaved, stream);
     }
   });
   return out;
