@@ -9,7 +9,7 @@ import torch
 from mmv.image import Image
 from mmv.model import checkpoint
 from mmv.model.checkpoint import CheckpointError
-from mmv.model.config import PRESETS, EncoderConfig
+from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder, EncoderOutput
 from mmv.model.layers import PackedContext, drop_path_per_image
 from mmv.packing import PackedBatch, pack

@@ -355,7 +355,7 @@ def _zyx(values_xyz: np.ndarray) -> tuple[float, ...]:
 def _check_data_complete(path: Path, io, format_name: str) -> None:
     """Raise for truncated files that ITK would otherwise read without error (filling the rest)."""
     name = path.name.lower()
-    if format_name == "NIfTI" and (name.endswith(".nii") or name.endswith(".nii.gz")):
+    if format_name == "NIfTI" and name.endswith((".nii", ".nii.gz")):
         header = _nifti1_header(path)
         axes = int(np.clip(header["dim"][0], 1, 7))
         voxels = int(np.prod(np.maximum(header["dim"][1 : axes + 1], 1)))
