@@ -64,6 +64,29 @@ def test_radiograph_is_a_pa_view_with_the_head_up():
     assert float(image[-height // 6 :, width // 4].mean()) > float(upper[:, width // 4].mean())
 
 
+def test_patients_differ_in_build_and_position():
+    # Nuisance variation: body width and where the body lies in the field of view change between phantoms.
+    widths, centres = [], []
+    for index in range(6):
+        body = generate_phantom(index, seed=3, settings=COARSE).hu > -500
+        columns = np.flatnonzero(body.any(axis=(0, 1)))
+        widths.append((columns[-1] - columns[0]) * COARSE.ct_spacing[2])
+        centres.append(np.argwhere(body).mean(axis=0) * np.array(COARSE.ct_spacing))
+    assert np.ptp(widths) > 30.0
+    assert np.ptp(np.array(centres)[:, 2]) > 8.0 and np.ptp(np.array(centres)[:, 1]) > 8.0
+
+
+def test_radiograph_acquisition_depends_on_the_seed_and_phantom_only():
+    phantom = generate_phantom(2, settings=COARSE)
+    first, _ = radiograph(phantom, spacing=4.0, seed=0)
+    again, _ = radiograph(phantom, spacing=4.0, seed=0)
+    other, _ = radiograph(phantom, spacing=4.0, seed=1)
+    assert np.array_equal(first, again)
+    # Another seed is another exposure, scatter, grey-level curve and positioning of the same patient.
+    assert float(np.abs(first - other).mean()) > 0.05
+    assert first.min() >= 0.0 and first.max() <= 8.0
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="index"):
         generate_phantom(-1)

@@ -2,18 +2,24 @@
 
 Every phantom is a chest built from simple solids with sizes in millimetres: body wall with a fat layer,
 two lungs with a domed diaphragm and parenchymal texture, heart, mediastinum, aorta, trachea and main
-bronchi, spine, ribs and sternum. Five findings are drawn independently per phantom:
+bronchi, spine, ribs and sternum. Five findings are drawn independently per phantom, always inside the
+lungs (never in what the heart and the aorta cover):
 
 ``Lung nodule``
-    one to three solid spheres of 12-30 mm diameter inside the lungs.
+    one to three solid spheres of 8-30 mm diameter.
 ``Pleural effusion``
     fluid filling the dependent (posterior, basal) part of one or both pleural spaces.
 ``Cardiomegaly``
     a heart 30-50 % wider than normal (cardiothoracic ratio well above one half).
 ``Consolidation``
-    a dense region of lung (40-90 mm) with air bronchograms.
+    airspace disease filling part (60-110 mm) of one lobe, the upper or the lower, with air bronchograms.
 ``Emphysema``
     low-density parenchyma with bullae, hyperinflated lungs and flattened diaphragms.
+
+Patients and scans vary as they do in practice, independently of the findings: body size and build,
+position in the field of view, depth of inspiration, intravenous contrast or none and the CT noise level;
+for radiographs also a slight rotation, the magnification, the exposure, scattered radiation and the
+detector's grey-level curve. A reader of the images has to see the findings through that variation.
 
 The radiograph of a phantom is a digitally reconstructed radiograph (DRR): the line integral of the
 linear attenuation through the volume along the anterior-posterior axis, shown as in a PA film (patient
@@ -64,8 +70,11 @@ _WATER_ATTENUATION_PER_MM = 0.019
 # Line integrals are stored as PNG grey levels on this fixed scale, so that grey levels mean the same
 # attenuation in every radiograph of a data set.
 _MAX_LINE_INTEGRAL = 8.0
-# Detected photons per pixel behind water-free air; sets the quantum noise of the radiographs.
+# Detected photons per pixel behind water-free air at a typical exposure; sets the quantum noise of the
+# radiographs (each radiograph's exposure varies around it).
 _PHOTONS_PER_PIXEL = 2.0e4
+# Width of the scattered radiation's spread over the detector.
+_SCATTER_SIGMA_MM = 40.0
 
 
 @dataclass(frozen=True)
@@ -128,16 +137,24 @@ class Phantom:
 
 
 class _Grid:
-    """Voxel-centre coordinates in mm from the volume centre, broadcastable over ``[z, y, x]``.
+    """Voxel-centre coordinates in mm from ``origin`` (given from the volume centre), broadcastable over
+    ``[z, y, x]``.
 
     Solids are evaluated only inside their bounding box: a :class:`_Region` is that box (slices) and the
     solid's mask within it.
     """
 
-    def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        spacing: tuple[float, float, float],
+        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    ) -> None:
         self.shape = shape
         self.spacing = spacing
-        self.axes = [(torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+        self.axes = [
+            (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * s - o for n, s, o in zip(shape, spacing, origin)
+        ]
         self.z = self.axes[0][:, None, None]
         self.y = self.axes[1][None, :, None]
         self.x = self.axes[2][None, None, :]
@@ -183,7 +200,6 @@ class _Grid:
         t = ((dz * direction[0] + dy * direction[1] + dx * direction[2]) / length_sq).clamp(0.0, 1.0)
         distance_sq = (dz - t * direction[0]) ** 2 + (dy - t * direction[1]) ** 2 + (dx - t * direction[2]) ** 2
         return _Region(slices, distance_sq <= radius**2)
-
 
 
 @dataclass
@@ -236,7 +252,9 @@ def _random_point_in(mask: torch.Tensor, grid: _Grid, rng: np.random.Generator, 
 def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None = None) -> Phantom:
     """Generate phantom number ``index`` of the data set drawn with ``seed``.
 
-    The result depends only on ``(seed, index, settings)``.
+    Besides the findings, every phantom draws its own patient and scan, independently of its labels:
+    body size and build, position in the field of view, depth of inspiration, intravenous contrast or
+    none, and the CT noise level. The result depends only on ``(seed, index, settings)``.
     """
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"generate_phantom: index must be a non-negative int, got {index!r}")
@@ -246,27 +264,32 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
     rng = np.random.default_rng([seed, index])
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     findings = {name: bool(rng.random() < settings.prevalence) for name in PHANTOM_FINDINGS}
-    grid = _Grid(settings.ct_shape, settings.ct_spacing)
+    # The patient lies off the centre of the field of view (table height, lateral centring, scan range);
+    # the anatomy below is laid out around the body's axis.
+    position = (_uniform(rng, -25, 25), _uniform(rng, -15, 15), _uniform(rng, -15, 15))
+    grid = _Grid(settings.ct_shape, settings.ct_spacing, position)
     shape = grid.shape
     hu = torch.full(shape, -1000.0)
 
-    # Body wall: soft tissue inside a layer of subcutaneous fat.
-    body_x, body_y = _uniform(rng, 140, 170), _uniform(rng, 95, 120)
-    body_cy = _uniform(rng, -5, 5)
-    body_region = grid.cylinder_z((body_cy, 0.0), (body_y, body_x))
+    # Body wall: soft tissue inside a layer of subcutaneous fat; build from slim to large.
+    build = _uniform(rng, 0.85, 1.15)
+    body_x, body_y = 155.0 * build * _uniform(rng, 0.93, 1.07), 107.0 * build * _uniform(rng, 0.9, 1.1)
+    body_region = grid.cylinder_z((0.0, 0.0), (body_y, body_x))
     body = body_region.dense(shape)
-    fat = _uniform(rng, 0.06, 0.12)
+    fat = _uniform(rng, 0.05, 0.18)
     body_region.paint(hu, -100.0 + 10.0 * _uniform(rng, -1, 1))
-    grid.cylinder_z((body_cy, 0.0), (body_y * (1 - fat), body_x * (1 - fat))).paint(hu, 40.0)
+    grid.cylinder_z((0.0, 0.0), (body_y * (1 - fat), body_x * (1 - fat))).paint(hu, 40.0)
 
-    # Lungs, with diaphragm domes pushed up from below; emphysema hyperinflates and flattens them.
+    # Lungs, with diaphragm domes pushed up from below. A deeper breath makes them taller and darker;
+    # emphysema hyperinflates them and flattens the domes.
     emphysema = findings["Emphysema"]
+    inspiration = _uniform(rng, 0.88, 1.1)
     lung_z0 = _uniform(rng, -10, 10)
     lungs, lung_parts = torch.zeros(shape, dtype=torch.bool), []
     for side in (-1.0, 1.0):  # -1: patient's right (x negative), +1: left
-        centre = (lung_z0 + _uniform(rng, -8, 8), body_cy + _uniform(rng, 0, 12), side * body_x * _uniform(rng, 0.44, 0.5))
+        centre = (lung_z0 + _uniform(rng, -8, 8), _uniform(rng, 0, 12), side * body_x * _uniform(rng, 0.44, 0.5))
         semi = (
-            _uniform(rng, 105, 125) * (1.12 if emphysema else 1.0),
+            _uniform(rng, 105, 125) * inspiration * (1.12 if emphysema else 1.0),
             body_y * _uniform(rng, 0.68, 0.78),
             body_x * _uniform(rng, 0.32, 0.37) * (0.92 if side > 0 else 1.0),
         )
@@ -280,7 +303,7 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
         lung = region.dense(shape)
         lungs |= lung
         lung_parts.append((lung, region, centre, semi))
-    parenchyma = -860.0 + 25.0 * _smooth_noise(shape, grid.spacing, 12.0, generator)
+    parenchyma = -850.0 - 250.0 * (inspiration - 1.0) + 25.0 * _smooth_noise(shape, grid.spacing, 12.0, generator)
     if emphysema:
         parenchyma = parenchyma - _uniform(rng, 50, 80)
     hu = torch.where(lungs, parenchyma, hu)
@@ -294,24 +317,38 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
             radius = _uniform(rng, 4, 12)
             grid.ellipsoid(_random_point_in(upper, grid, rng, region), (radius,) * 3).paint(hu, -985.0, lungs)
 
-    # Mediastinum, aorta and airways between the lungs.
-    grid.cylinder_z((body_cy - 15.0, 0.0), (45.0, 28.0), (lung_z0 - 40.0, lung_z0 + 120.0)).paint(hu, 30.0, ~lungs)
-    aorta_x, aorta_y = _uniform(rng, 15, 25), body_cy + body_y * 0.45
-    grid.cylinder_z((aorta_y, aorta_x), (12.0, 12.0), (-math.inf, lung_z0 + 60.0)).paint(hu, 45.0)
-    grid.capsule((lung_z0 + 60.0, aorta_y, aorta_x), (lung_z0 + 75.0, body_cy - 25.0, 5.0), 13.0).paint(hu, 45.0)
+    # Blood is bright in a scan with intravenous contrast (about half of chest CTs), like muscle without.
+    blood = _uniform(rng, 150, 300) if rng.random() < 0.5 else _uniform(rng, 35, 50)
 
-    # Heart: low and anterior, toward the patient's left; cardiomegaly widens it.
-    heart_scale = _uniform(rng, 1.3, 1.5) if findings["Cardiomegaly"] else _uniform(rng, 0.92, 1.05)
-    heart_centre = (lung_z0 - _uniform(rng, 45, 60), body_cy - _uniform(rng, 20, 35), _uniform(rng, 12, 25) * heart_scale)
+    # Mediastinum, aorta and airways between the lungs.
+    grid.cylinder_z((-15.0, 0.0), (45.0, 28.0), (lung_z0 - 40.0, lung_z0 + 120.0)).paint(hu, 30.0, ~lungs)
+    aorta_x, aorta_y = _uniform(rng, 15, 25), body_y * 0.45
+    aorta = grid.cylinder_z((aorta_y, aorta_x), (12.0, 12.0), (-math.inf, lung_z0 + 60.0))
+    aorta.paint(hu, blood)
+    arch = grid.capsule((lung_z0 + 60.0, aorta_y, aorta_x), (lung_z0 + 75.0, -25.0, 5.0), 13.0)
+    arch.paint(hu, blood)
+
+    # Heart: low and anterior, toward the patient's left, in proportion to the body; cardiomegaly widens
+    # it; its wall (myocardium) holds the blood of the chambers.
+    heart_scale = build * (_uniform(rng, 1.3, 1.5) if findings["Cardiomegaly"] else _uniform(rng, 0.92, 1.05))
+    heart_centre = (lung_z0 - _uniform(rng, 45, 60), -_uniform(rng, 20, 35), _uniform(rng, 12, 25) * heart_scale)
     heart_semi = (
         _uniform(rng, 45, 55) * (1 + (heart_scale - 1) * 0.5),
         _uniform(rng, 42, 50) * heart_scale,
         _uniform(rng, 52, 60) * heart_scale,
     )
-    grid.ellipsoid(heart_centre, tuple(a + 4.0 for a in heart_semi)).paint(hu, -90.0, body)  # epicardial fat
+    pericardium = grid.ellipsoid(heart_centre, tuple(a + 4.0 for a in heart_semi))
+    pericardium.paint(hu, -90.0, body)  # epicardial fat
     grid.ellipsoid(heart_centre, heart_semi).paint(hu, 40.0 + 5.0 * _uniform(rng, -1, 1), body)
+    grid.ellipsoid(heart_centre, tuple(a - 10.0 for a in heart_semi)).paint(hu, blood, body)
+    # What the heart and the aorta cover is no longer lung: findings of the lungs stay out of it.
+    mediastinal = pericardium.dense(shape) | aorta.dense(shape) | arch.dense(shape)
+    lungs &= ~mediastinal
+    for _, region, _, _ in lung_parts:
+        region.mask &= ~mediastinal[region.slices]
+    lung_parts = [(lung & ~mediastinal, region, centre, semi) for lung, region, centre, semi in lung_parts]
 
-    trachea_y, trachea_radius = body_cy - _uniform(rng, 5, 15), _uniform(rng, 8, 10)
+    trachea_y, trachea_radius = -_uniform(rng, 5, 15), _uniform(rng, 8, 10)
     carina_z = lung_z0 + _uniform(rng, 30, 45)
     grid.cylinder_z((trachea_y, 0.0), (trachea_radius + 2.5,) * 2, (carina_z, math.inf)).paint(hu, 20.0)
     grid.cylinder_z((trachea_y, 0.0), (trachea_radius,) * 2, (carina_z, math.inf)).paint(hu, -1000.0)
@@ -320,7 +357,7 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
         grid.capsule((carina_z, trachea_y, 0.0), hilum, trachea_radius * 0.7).paint(hu, -1000.0)
 
     # Spine (vertebral bodies, discs, spinal canal), ribs and sternum.
-    spine_y, spine_radius = body_cy + body_y * 0.62, _uniform(rng, 16, 20)
+    spine_y, spine_radius = body_y * 0.62, _uniform(rng, 16, 20)
     spine = grid.cylinder_z((spine_y, 0.0), (spine_radius, spine_radius))
     spine.paint(hu, 700.0)
     grid.cylinder_z((spine_y, 0.0), (spine_radius - 3.0, spine_radius - 3.0)).paint(hu, 250.0)
@@ -329,14 +366,14 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
     spine.paint(hu, 80.0, discs.expand(shape))
     grid.cylinder_z((spine_y + spine_radius + 10.0, 0.0), (8.0, 7.0)).paint(hu, 20.0)
     # Ribs run in a band just inside the fat, sloping down from the spine to the front.
-    radius_sq = ((grid.y - body_cy) / body_y) ** 2 + (grid.x / body_x) ** 2
+    radius_sq = (grid.y / body_y) ** 2 + (grid.x / body_x) ** 2
     inner, outer = (1 - fat - 0.07) ** 2, (1 - fat - 0.02) ** 2
-    band = (radius_sq > inner) & (radius_sq < outer) & ~((grid.y < body_cy) & (grid.x.abs() < 35.0))
+    band = (radius_sq > inner) & (radius_sq < outer) & ~((grid.y < 0.0) & (grid.x.abs() < 35.0))
     rib_tilt, rib_period = _uniform(rng, 25, 45), _uniform(rng, 24, 28)
-    slope = rib_tilt * 0.5 * (1.0 - (grid.y - body_cy) / body_y)
+    slope = rib_tilt * 0.5 * (1.0 - grid.y / body_y)
     ribs = band & (torch.remainder(grid.z + slope - _uniform(rng, 0, rib_period), rib_period) < 9.0)
     hu[ribs] = 650.0
-    sternum_y = body_cy - body_y * (1 - fat) + 8.0
+    sternum_y = -body_y * (1 - fat) + 8.0
     grid.cylinder_z((sternum_y, 0.0), (7.0, 14.0), (lung_z0 - 60.0, lung_z0 + 90.0)).paint(hu, 400.0)
 
     # Findings inside the lungs.
@@ -348,33 +385,49 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
             dependent = (y - centre[1]) / semi[1] + (centre[0] - z) / semi[0] > _uniform(rng, 0.2, 0.7)
             _Region(region.slices, region.mask & dependent).paint(hu, _uniform(rng, 5, 20))
     if findings["Consolidation"]:
+        # Airspace disease filling part of one lobe: the upper or the lower lobe of a lung, split by an
+        # oblique fissure that runs from high at the back to low at the front.
         lung, region, centre, semi = lung_parts[int(rng.integers(2))]
-        focus = _random_point_in(lung, grid, rng, region)
-        consolidation = grid.ellipsoid(focus, tuple(_uniform(rng, 20, 45) for _ in range(3)))
-        consolidation.mask &= lung[consolidation.slices]
+        z, y, _ = grid.local(region.slices)
+        below_fissure = (z - centre[0]) / semi[0] + 0.8 * (y - centre[1]) / semi[1] < _uniform(rng, -0.1, 0.2)
+        lobe = region.mask & (below_fissure if rng.random() < 0.5 else ~below_fissure)
+        if not bool(lobe.any()):
+            lobe = region.mask
+        lobe_region = _Region(region.slices, lobe)
+        focus = _random_point_in(lobe_region.dense(shape), grid, rng, region)
+        extent = grid.ellipsoid(focus, tuple(_uniform(rng, 30, 55) for _ in range(3)))
+        consolidation = _Region(extent.slices, extent.mask & lobe_region.dense(shape)[extent.slices])
         dense = _uniform(rng, -100, 30) + 30.0 * _smooth_noise(shape, grid.spacing, 10.0, generator)
         consolidation.paint(hu, dense)
         consolidation.paint(hu, -950.0, vessel_field.abs() < 0.12)  # air bronchograms
     if findings["Lung nodule"]:
         for _ in range(int(rng.integers(1, 4))):
             lung, region, _, _ = lung_parts[int(rng.integers(2))]
-            nodule_radius = _uniform(rng, 6, 15)
+            nodule_radius = _uniform(rng, 4, 15)
             nodule = grid.ellipsoid(_random_point_in(lung, grid, rng, region), (nodule_radius,) * 3)
             nodule.paint(hu, _uniform(rng, 20, 60), lungs)
 
-    hu += _uniform(rng, 8, 20) * torch.randn(shape, generator=generator)
+    # Quantum noise of the CT: dose and patient size vary it several-fold between scans.
+    hu += math.exp(_uniform(rng, math.log(6.0), math.log(30.0))) * torch.randn(shape, generator=generator)
     return Phantom(hu=hu.clamp_(-1024.0, 3071.0).numpy(), spacing=grid.spacing, findings=findings, index=index)
 
 
 def radiograph(phantom: Phantom, spacing: float = 2.0, seed: int = 0) -> tuple[np.ndarray, tuple[float, float]]:
-    """A PA radiograph (DRR) of a phantom: line integrals of attenuation along y, with quantum noise.
+    """A PA radiograph (DRR) of a phantom: line integrals of attenuation along y, as a radiograph shows them.
 
-    Returns ``(image, (row spacing, column spacing))``: float32 ``[H, W]`` line integrals (dimensionless,
-    dense tissue high) with rows running from the head down and columns from the patient's right to
-    left, as a PA film is viewed, resampled to ``spacing`` mm pixels.
+    The patient stands slightly turned and at a varying distance from the detector (in-plane rotation of
+    up to 4 degrees, magnification 1.0-1.12); the exposure (quantum noise), the scattered radiation
+    (which lowers contrast) and the detector's grey-level curve (a power law) differ between
+    radiographs. These depend on ``(seed, phantom.index)`` alone, not on the findings.
+
+    Returns ``(image, (row spacing, column spacing))``: float32 ``[H, W]`` grey levels in
+    ``[0, _MAX_LINE_INTEGRAL]`` (dense tissue high) with rows running from the head down and columns
+    from the patient's right to left, as a PA film is viewed, resampled to ``spacing`` mm pixels.
     """
     if not (math.isfinite(spacing) and spacing > 0):
         raise ValueError(f"radiograph: spacing must be a positive number of mm, got {spacing}")
+    rng = np.random.default_rng([seed, phantom.index, 1])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     hu = torch.from_numpy(phantom.hu)
     dz, dy, dx = phantom.spacing
     attenuation = (_WATER_ATTENUATION_PER_MM * (1.0 + hu / 1000.0)).clamp_min(0.0)
@@ -382,12 +435,43 @@ def radiograph(phantom: Phantom, spacing: float = 2.0, seed: int = 0) -> tuple[n
     line_integral = line_integral.flip(0)  # head at the top
     height = max(2, round(line_integral.shape[0] * dz / spacing))
     width = max(2, round(line_integral.shape[1] * dx / spacing))
+    line_integral = _positioned(line_integral, (dz, dx), _uniform(rng, -4.0, 4.0), _uniform(rng, 1.0, 1.12))
     resized = F.interpolate(line_integral[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, phantom.index, 1]).integers(2**62)))
-    photons = _PHOTONS_PER_PIXEL * torch.exp(-resized)
+    photons_per_pixel = math.exp(_uniform(rng, math.log(_PHOTONS_PER_PIXEL / 4), math.log(_PHOTONS_PER_PIXEL * 2)))
+    primary = torch.exp(-resized)
+    scatter = _uniform(rng, 0.05, 0.35) * _blurred(primary, _SCATTER_SIGMA_MM / spacing)
+    photons = photons_per_pixel * (primary + scatter)
     noisy_photons = (photons + photons.sqrt() * torch.randn(resized.shape, generator=generator)).clamp_min(1.0)
-    image = -torch.log(noisy_photons / _PHOTONS_PER_PIXEL)
-    return image.clamp(0.0, _MAX_LINE_INTEGRAL).numpy(), (spacing, spacing)
+    detected = (-torch.log(noisy_photons / photons_per_pixel)).clamp(0.0, _MAX_LINE_INTEGRAL)
+    grey_levels = _MAX_LINE_INTEGRAL * (detected / _MAX_LINE_INTEGRAL) ** _uniform(rng, 0.75, 1.35)
+    return grey_levels.numpy(), (spacing, spacing)
+
+
+def _positioned(image: torch.Tensor, spacing: tuple[float, float], degrees: float, magnification: float) -> torch.Tensor:
+    """``image`` rotated in plane about its centre and magnified, in physical space; air (0) outside."""
+    height_mm, width_mm = image.shape[0] * spacing[0], image.shape[1] * spacing[1]
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle) / magnification, math.sin(angle) / magnification
+    # affine_grid works in coordinates normalised to [-1, 1] per axis: convert through millimetres.
+    theta = torch.tensor(
+        [[cos, -sin * height_mm / width_mm, 0.0], [sin * width_mm / height_mm, cos, 0.0]], dtype=torch.float32
+    )
+    grid = F.affine_grid(theta[None], [1, 1, *image.shape], align_corners=False)
+    return F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0]
+
+
+def _blurred(image: torch.Tensor, sigma_pixels: float) -> torch.Tensor:
+    """A wide Gaussian blur (by a coarse grid and back), for the smooth scatter field."""
+    factor = max(1, round(sigma_pixels / 2))
+    coarse = F.avg_pool2d(image[None, None], factor, ceil_mode=True)
+    radius = 3
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets * factor / sigma_pixels) ** 2)
+    kernel = kernel / kernel.sum()
+    coarse = F.pad(coarse, (radius, radius, radius, radius), mode="replicate")
+    coarse = F.conv2d(coarse, kernel.view(1, 1, 1, -1))
+    coarse = F.conv2d(coarse, kernel.view(1, 1, -1, 1))
+    return F.interpolate(coarse, size=image.shape, mode="bilinear", align_corners=False)[0, 0]
 
 
 def _split_of(rng: np.random.Generator, fractions: tuple[float, float, float]) -> str:
