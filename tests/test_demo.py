@@ -1,0 +1,42 @@
+"""The demo: a tiny run end to end, and the random-init baseline being the pretraining run's start."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
+from mmv.demo import DemoSettings, demo_config, initial_encoder, run_demo
+from mmv.pretrain_data import build_pretraining_sources
+from mmv.train import Trainer
+
+TINY = DemoSettings(num_phantoms=16, steps=2, max_tokens=800, ct_spacing=10.0, xray_spacing=5.0, threads=1)
+
+
+def test_random_baseline_is_the_pretraining_runs_initialisation(tmp_path):
+    settings = PhantomSettings(ct_spacing=(TINY.ct_spacing,) * 3, xray_spacing=TINY.xray_spacing)
+    manifest = write_phantom_dataset(tmp_path / "phantoms", 4, 0, settings, progress=False)
+    config = demo_config(TINY, manifest, tmp_path / "run")
+    baseline = initial_encoder(config).state_dict()
+    trainer = Trainer(config, dataset=build_pretraining_sources(config.data))
+    started = trainer.student.encoder.state_dict()
+    assert baseline.keys() == started.keys()
+    assert all(torch.equal(baseline[name], started[name]) for name in baseline)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_demo_writes_both_encoders_results_per_modality(tmp_path):
+    results = run_demo(tmp_path, TINY, progress=False)
+    written = json.loads((tmp_path / "demo_results.json").read_text())
+    for modality in ("xray", "ct"):
+        assert set(written[modality]) == {"ssl", "random"}
+        for encoder in ("ssl", "random"):
+            detail = written["detail"][modality][encoder]
+            assert set(detail["per_finding"]) == set(PHANTOM_FINDINGS)
+            low, high = detail["macro_auroc_interval"]
+            macro = detail["macro_auroc"]
+            assert math.isnan(macro) or (0.0 <= macro <= 1.0 and 0.0 <= low <= high <= 1.0)
+            assert macro == written[modality][encoder] == results[modality][encoder]
+    assert (tmp_path / "demo_auroc.png").stat().st_size > 0
+    assert "macro AUROC" in (tmp_path / "demo_results.md").read_text()
