@@ -7,7 +7,8 @@
 3. Encodes every image with the pretrained (teacher) encoder and with the same encoder before
    pretraining (its random initialisation), features = CLS token and mean patch token side by side.
 4. Fits a linear probe per modality and encoder on the training split (strength chosen on val) and
-   measures per-finding and macro AUROC on the test split.
+   measures per-finding and macro AUROC on the test split, with bootstrap intervals, and the difference
+   between the two encoders with a paired bootstrap interval (:func:`paired_difference`).
 
 ``run_demo(out_dir)`` writes ``demo_results.json``, ``demo_results.md`` and ``demo_auroc.png`` into
 ``out_dir`` (besides the phantoms and the pretraining run) and returns the results.
@@ -36,9 +37,11 @@ from mmv.data.preprocess import CtPreprocess, XrayPreprocess
 from mmv.train import Trainer
 from mmv.train_config import PretrainConfig
 
-__all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features"]
+__all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features", "paired_difference"]
 
 MODALITIES = {"xray": "DX", "ct": "CT"}
+# Bootstrap replicates behind every interval the demo reports.
+_BOOTSTRAP_RESAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ def _split_rows(manifest: Path) -> dict[str, str]:
         return {row["id"]: row["split"] for row in csv.DictReader(stream)}
 
 
-def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: int) -> dict[str, Any]:
+def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: int) -> tuple[dict[str, Any], Any]:
+    """The probe's figures on the test split, and its :class:`mmv.eval.probe.ProbeEvaluation`."""
     from mmv.eval.probe import evaluate_probe, fit_linear_probe
 
     rows = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
@@ -190,13 +194,44 @@ def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: i
         features[rows["train"]], labels[rows["train"]], features[rows["val"]], labels[rows["val"]],
         label_names=PHANTOM_FINDINGS, progress=False,
     )
-    evaluation = evaluate_probe(probe, features[rows["test"]], labels[rows["test"]], num_resamples=200, seed=seed)
-    return {
+    evaluation = evaluate_probe(
+        probe, features[rows["test"]], labels[rows["test"]], num_resamples=_BOOTSTRAP_RESAMPLES, seed=seed
+    )
+    figures = {
         "macro_auroc": float(evaluation.macro_auroc),
         "macro_auroc_interval": [float(v) for v in evaluation.interval.macro],
         "per_finding": {name: float(value) for name, value in zip(PHANTOM_FINDINGS, evaluation.auroc)},
         "test_rows": int(rows["test"].size),
     }
+    return figures, evaluation
+
+
+def paired_difference(pretrained, baseline, seed: int, num_resamples: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
+    """Macro AUROC of ``pretrained`` minus that of ``baseline`` (two ProbeEvaluations of the same test rows),
+    with a paired percentile bootstrap interval: every replicate draws one resample of the rows and scores
+    both encoders on it, so the interval is that of the difference itself, not of two separate estimates.
+
+    The macro average runs over the findings defined (both classes present) for both encoders on the full
+    test rows; replicates where one of them lacks a class are left out.
+    """
+    from mmv.eval.metrics import auroc_on_resamples
+
+    if not np.array_equal(pretrained.labels, baseline.labels, equal_nan=True):
+        raise ValueError("paired_difference: the two evaluations must be of the same test rows (their labels differ)")
+    defined = ~np.isnan(pretrained.auroc) & ~np.isnan(baseline.auroc)
+    if not defined.any():
+        return {"macro_auroc": float("nan"), "interval": [float("nan"), float("nan")], "confidence": confidence}
+    rows = np.random.default_rng(seed).integers(0, pretrained.labels.shape[0], size=(num_resamples, pretrained.labels.shape[0]))
+    labels = pretrained.labels[:, defined]
+    replicates = (
+        auroc_on_resamples(pretrained.scores[:, defined], labels, rows)
+        - auroc_on_resamples(baseline.scores[:, defined], labels, rows)
+    )
+    complete = replicates[~np.isnan(replicates).any(axis=1)].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    interval = [float(v) for v in np.quantile(complete, [tail, 1.0 - tail])] if complete.size else [float("nan")] * 2
+    difference = float(pretrained.auroc[defined].mean() - baseline.auroc[defined].mean())
+    return {"macro_auroc": difference, "interval": interval, "confidence": confidence}
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
@@ -224,16 +259,31 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _number(value: float, signed: bool = False) -> str:
+    return "n/a" if math.isnan(value) else (f"{value:+.3f}" if signed else f"{value:.3f}")
+
+
 def _markdown(results: dict[str, Any]) -> str:
     lines = ["| finding | X-ray pretrained | X-ray random | CT pretrained | CT random |", "|---|---|---|---|---|"]
-    for name in list(PHANTOM_FINDINGS) + ["macro AUROC"]:
+    for name in list(PHANTOM_FINDINGS) + ["macro AUROC (95 % CI)"]:
         cells = []
         for modality in MODALITIES:
             for encoder in ("ssl", "random"):
                 detail = results["detail"][modality][encoder]
-                value = detail["macro_auroc"] if name == "macro AUROC" else detail["per_finding"][name]
-                cells.append("n/a" if math.isnan(value) else f"{value:.3f}")
+                if name in PHANTOM_FINDINGS:
+                    cells.append(_number(detail["per_finding"][name]))
+                else:
+                    low, high = detail["macro_auroc_interval"]
+                    cells.append(f"{_number(detail['macro_auroc'])} ({_number(low)}-{_number(high)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for modality, label in (("xray", "X-ray"), ("ct", "CT")):
+        difference = results["difference"][modality]
+        low, high = difference["interval"]
+        lines.append(
+            f"{label}: pretrained minus random, macro AUROC {_number(difference['macro_auroc'], True)} "
+            f"(95 % paired bootstrap interval {_number(low, True)} to {_number(high, True)})"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -272,17 +322,21 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     dataset = phantom_manifest(manifest, transform=transform)
     split_of = _split_rows(manifest)
     detail: dict[str, dict[str, Any]] = {}
+    difference: dict[str, dict[str, Any]] = {}
     encoded = {name: extract_features(encoder, dataset, progress=progress) for name, encoder in (("ssl", pretrained_encoder), ("random", random_encoder))}
     timings["features_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
     for modality, tag in MODALITIES.items():
-        detail[modality] = {}
+        detail[modality], evaluations = {}, {}
         for name, (features, indices) in encoded.items():
             records = [dataset.records[i] for i in indices]
             rows = np.array([record.modality == tag for record in records])
             labels = np.array([record.labels for record in records], dtype=np.float64)[rows]
             splits = np.array([split_of[record.id] for record in records], dtype=object)[rows]
-            detail[modality][name] = _probe(features[rows], labels, splits, settings.seed)
+            detail[modality][name], evaluations[name] = _probe(features[rows], labels, splits, settings.seed)
+        difference[modality] = paired_difference(
+            evaluations["ssl"], evaluations["random"], settings.seed, num_resamples=_BOOTSTRAP_RESAMPLES
+        )
     timings["probe_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
 
@@ -290,7 +344,7 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
         modality: {name: detail[modality][name]["macro_auroc"] for name in ("ssl", "random")} for modality in MODALITIES
     }
     results.update(
-        {"detail": detail, "settings": asdict(settings), "threads": threads, "timings": timings, "findings": list(PHANTOM_FINDINGS)}
+        {"detail": detail, "difference": difference, "settings": asdict(settings), "threads": threads, "timings": timings, "findings": list(PHANTOM_FINDINGS)}
     )
     (out_dir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out_dir / "demo_results.md").write_text(_markdown(results), encoding="utf-8")
@@ -299,5 +353,5 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """The per-finding and macro AUROC table as text, X-ray and CT side by side."""
+    """The per-finding and macro AUROC table as text, X-ray and CT side by side, and the paired differences."""
     return _markdown(results)
