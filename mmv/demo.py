@@ -218,6 +218,10 @@ def paired_difference(pretrained, baseline, seed: int, num_resamples: int = 1000
     """
     from mmv.eval.metrics import auroc_on_resamples
 
+    if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 1:
+        raise ValueError(f"paired_difference: num_resamples must be a positive int, got {num_resamples!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"paired_difference: confidence must lie in (0, 1), got {confidence!r}")
     if not np.array_equal(pretrained.labels, baseline.labels, equal_nan=True):
         raise ValueError("paired_difference: the two evaluations must be of the same test rows (their labels differ)")
     defined = ~np.isnan(pretrained.auroc) & ~np.isnan(baseline.auroc)

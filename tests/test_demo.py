@@ -28,7 +28,6 @@ def test_random_baseline_is_the_pretraining_runs_initialisation(tmp_path):
     assert all(torch.equal(baseline[name], started[name]) for name in baseline)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_demo_writes_both_encoders_results_per_modality(tmp_path):
     results = run_demo(tmp_path, TINY, progress=False)
     written = json.loads((tmp_path / "demo_results.json").read_text())
@@ -69,3 +68,5 @@ def test_paired_difference_is_the_macro_gap_with_a_paired_interval():
 
     with pytest.raises(ValueError, match="same test rows"):
         paired_difference(informative, _evaluation(noise.scores, 1.0 - labels), seed=1)
+    with pytest.raises(ValueError, match="num_resamples"):
+        paired_difference(informative, noise, seed=1, num_resamples=0)
