@@ -28,12 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
-from mmv.model.config import EncoderConfig
+from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
-from mmv.pretrain_data import ModalityPreprocess, build_pretraining_sources
-from mmv.data.preprocess import CtPreprocess, XrayPreprocess
+from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
 from mmv.train import Trainer
 from mmv.train_config import PretrainConfig
 
@@ -149,7 +147,7 @@ def initial_encoder(config: PretrainConfig) -> Encoder:
     same initialisation, weight for weight.
     """
     torch.manual_seed(config.run.seed)
-    return Encoder(EncoderConfig.from_preset(config.model.preset, **config.model.options))
+    return Encoder(config.model.encoder_config())
 
 
 @torch.no_grad()
@@ -321,11 +319,8 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     timings["pretrain_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    transform = ModalityPreprocess(
-        ct=CtPreprocess(spacing=(settings.ct_spacing,) * 3),
-        xray=XrayPreprocess(short_side=None, spacing=(settings.xray_spacing, settings.xray_spacing)),
-    )
-    dataset = phantom_manifest(manifest, transform=transform)
+    # The probes see the images as pretraining did.
+    dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
     split_of = _split_rows(manifest)
     detail: dict[str, dict[str, Any]] = {}
     difference: dict[str, dict[str, Any]] = {}

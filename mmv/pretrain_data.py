@@ -12,7 +12,7 @@ from mmv.data.preprocess import CtPreprocess, XrayPreprocess
 from mmv.image import Image
 from mmv.train_config import DataConfig
 
-__all__ = ["ModalityPreprocess", "build_pretraining_sources", "SOURCE_KINDS"]
+__all__ = ["ModalityPreprocess", "modality_preprocess", "build_pretraining_sources", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("manifest", "mimic", "chexpert", "ctrate")
 
@@ -29,6 +29,19 @@ class ModalityPreprocess:
 
     def output_shape(self, shape, spacing) -> tuple[int, ...]:
         return (self.ct if len(shape) == 3 else self.xray).output_shape(shape, spacing)
+
+
+def modality_preprocess(config: DataConfig) -> ModalityPreprocess:
+    """The preprocessing ``config`` describes: CT windowed and resampled to ``ct_spacing``, X-rays resized
+    to ``xray_spacing`` mm pixels when it is set, else to ``xray_short_side`` pixels."""
+    spacing = config.xray_spacing
+    return ModalityPreprocess(
+        ct=CtPreprocess(spacing=tuple(config.ct_spacing), window=tuple(config.ct_window)),
+        xray=XrayPreprocess(
+            short_side=config.xray_short_side if spacing is None else None,
+            spacing=None if spacing is None else (float(spacing), float(spacing)),
+        ),
+    )
 
 
 def _manifest_rows_in_split(path: Path, split: str, id_column: str | None) -> set[str]:
@@ -70,13 +83,7 @@ def build_pretraining_sources(config: DataConfig) -> MixedDataset:
     """
     if not config.sources:
         raise ValueError("data.sources must list at least one source (kind and path)")
-    transform = ModalityPreprocess(
-        ct=CtPreprocess(spacing=tuple(config.ct_spacing), window=tuple(config.ct_window)),
-        xray=XrayPreprocess(
-            short_side=None if config.xray_spacing is not None else config.xray_short_side,
-            spacing=None if config.xray_spacing is None else (config.xray_spacing, config.xray_spacing),
-        ),
-    )
+    transform = modality_preprocess(config)
     cache = PreprocessCache(config.cache_dir) if config.cache_dir else None
     sources = [_build_source(spec, transform, cache) for spec in config.sources]
     for spec, source in zip(config.sources, sources):

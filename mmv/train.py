@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from mmv.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from mmv.data.sampler import TokenBudgetBatchSampler
-from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
 from mmv.packing import PackedBatch
 from mmv.schedules import cosine_schedule, warmup_cosine_schedule
@@ -207,7 +206,7 @@ class Trainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
         torch.manual_seed(run.seed + self.rank)
-        encoder_config = EncoderConfig.from_preset(config.model.preset, **_tuples(config.model.options))
+        encoder_config = config.model.encoder_config()
         ssl = config.ssl
         # The encoder is drawn first, so it starts from the weights Encoder(config) gets after this seed.
         encoder = Encoder(encoder_config)
@@ -414,11 +413,6 @@ def _use_bf16(setting: bool | str, device: torch.device) -> bool:
     if not isinstance(setting, bool):
         raise ValueError(f"run.bf16 must be true, false or 'auto', got {setting!r}")
     return setting
-
-
-def _tuples(options: dict[str, Any]) -> dict[str, Any]:
-    # TOML has arrays but no tuples and no null: "none" stands for None (e.g. layer_scale_init = "none").
-    return {k: tuple(v) if isinstance(v, list) else (None if v == "none" else v) for k, v in options.items()}
 
 
 def pretrain(config: PretrainConfig, dataset=None, resume: bool = False) -> Path:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmv.model.config import EncoderConfig
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10
@@ -41,6 +43,15 @@ class ModelConfig:
 
     preset: str = "vit_small"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def encoder_config(self) -> EncoderConfig:
+        """The :class:`mmv.EncoderConfig` of the preset with ``options`` applied."""
+        # TOML has arrays but no tuples and no null: lists become tuples, "none" becomes None.
+        options = {
+            key: tuple(value) if isinstance(value, list) else (None if value == "none" else value)
+            for key, value in self.options.items()
+        }
+        return EncoderConfig.from_preset(self.preset, **options)
 
 
 @dataclass

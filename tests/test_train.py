@@ -1,12 +1,15 @@
 """The trainer: configs, checkpoints, a run's outputs, and exact resume."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from mmv.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
+from mmv.pretrain_data import modality_preprocess
 from mmv.train import Trainer
 from mmv.train_config import PretrainConfig, apply_overrides, load_config
 
@@ -29,6 +32,23 @@ def test_config_from_toml_with_overrides(tmp_path):
     assert config.optim.betas == (0.9, 0.95) and config.optim.lr == 2e-3
     assert config.run.out_dir == "elsewhere" and config.augment.global_size_3d == (64, 64, 64)
     assert PretrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_model_and_data_sections_build_the_encoder_config_and_preprocessing(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[model]\npreset = "vit_tiny"\noptions = { layer_scale_init = "none", patch_size = [8, 8, 8] }\n'
+        "[data]\nct_spacing = [4.0, 4.0, 4.0]\nxray_spacing = 2.5\n"
+    )
+    config = load_config(path)
+    encoder_config = config.model.encoder_config()
+    assert encoder_config.layer_scale_init is None and encoder_config.patch_size == (8, 8, 8)
+    assert encoder_config == EncoderConfig.from_preset("vit_tiny", layer_scale_init=None, patch_size=(8, 8, 8))
+    preprocess = modality_preprocess(config.data)
+    assert preprocess.ct.spacing == (4.0, 4.0, 4.0)
+    assert preprocess.xray.spacing == (2.5, 2.5) and preprocess.xray.short_side is None
+    by_side = modality_preprocess(dataclasses.replace(config.data, xray_spacing=None, xray_short_side=256))
+    assert by_side.xray.short_side == 256 and by_side.xray.spacing is None
 
 
 def test_config_errors_name_the_problem(tmp_path):

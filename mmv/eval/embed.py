@@ -61,7 +61,6 @@ from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
 from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
 from mmv.data.io import ImageReadError
-from mmv.data.preprocess import CtPreprocess, XrayPreprocess
 from mmv.data.sampler import TokenBudgetBatchSampler, check_positive_int
 from mmv.data.tables import read_table
 from mmv.eval.features import (
@@ -73,11 +72,9 @@ from mmv.eval.features import (
     read_feature_table,
 )
 from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict
-from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
-from mmv.pretrain_data import ModalityPreprocess
+from mmv.pretrain_data import ModalityPreprocess, modality_preprocess
 from mmv.tokenizer import Tokenizer
-from mmv.train import _tuples as _model_options
 from mmv.train_config import DataConfig, PretrainConfig
 
 __all__ = [
@@ -329,7 +326,7 @@ def _load_training_checkpoint(path: Path) -> LoadedEncoder:
         )
     try:
         config = PretrainConfig.from_dict(json.loads(state["config"]))
-        encoder_config = EncoderConfig.from_preset(config.model.preset, **_model_options(config.model.options))
+        encoder_config = config.model.encoder_config()
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(path, f"its run config is unusable ({error})") from error
     weights = {
@@ -394,20 +391,16 @@ def embed_preprocess(
         raise TypeError(f"data_config must be a DataConfig or None, got {type(data).__name__}")
     if xray_spacing is not None and xray_short_side is not None:
         raise ValueError("give at most one of xray_spacing and xray_short_side")
-    if xray_spacing is None and xray_short_side is None:
-        xray_spacing, xray_short_side = data.xray_spacing, data.xray_short_side
-        if xray_spacing is not None:
-            xray_short_side = None
-    return ModalityPreprocess(
-        ct=CtPreprocess(
-            spacing=tuple(ct_spacing if ct_spacing is not None else data.ct_spacing),
-            window=tuple(ct_window if ct_window is not None else data.ct_window),
-        ),
-        xray=XrayPreprocess(
-            short_side=xray_short_side,
-            spacing=None if xray_spacing is None else (float(xray_spacing), float(xray_spacing)),
-        ),
-    )
+    replaced: dict[str, Any] = {}
+    if ct_spacing is not None:
+        replaced["ct_spacing"] = tuple(ct_spacing)
+    if ct_window is not None:
+        replaced["ct_window"] = tuple(ct_window)
+    if xray_spacing is not None:
+        replaced["xray_spacing"] = float(xray_spacing)
+    if xray_short_side is not None:
+        replaced.update(xray_spacing=None, xray_short_side=xray_short_side)
+    return modality_preprocess(dataclasses.replace(data, **replaced))
 
 
 def _weights_digest(encoder: Encoder) -> str:
