@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU (DESIGN.md, "Benchmarks and GPU checks"; benchmarks/GPU_CHECK.md says
+# The one script for a GPU machine (DESIGN.md, "Benchmarks and GPU checks"; benchmarks/GPU_CHECK.md says
 # how to read its output). It prints the GPU, builds mmv in place for this GPU's architecture only with
 # every core, runs the CUDA tests, runs the GPU benchmark, and prints a short summary table last.
 # Every stage has a time limit, so the script ends within 8 minutes even if one hangs; a stage that
@@ -10,7 +10,7 @@
 #   GPU_CHECK_SANITIZE=1 bash benchmarks/gpu_check.sh   # adds a compute-sanitizer memcheck stage
 #   GPU_CHECK_SKIP_BUILD=1 bash benchmarks/gpu_check.sh # reuses the in-place build of an earlier run
 #
-# Output files (at most five, so that a device machine hands them all back) go to $OUT if it is set,
+# Output files (at most five, so that a remote run can hand them all back) go to $OUT if it is set,
 # else benchmarks/out/gpu_check: gpu_check.log (every stage's full output), cuda_tests.xml (JUnit),
 # bench_gpu.json, bench_gpu.txt and summary.txt.
 
