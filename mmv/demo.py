@@ -8,7 +8,7 @@
    pretraining (its random initialisation), features = CLS token and mean patch token side by side.
 4. Fits a linear probe per modality and encoder on the training split (strength chosen on val) and
    measures per-finding and macro AUROC on the test split, with bootstrap intervals, and the difference
-   between the two encoders with a paired bootstrap interval (:func:`paired_difference`).
+   between the two encoders with a paired bootstrap interval (:func:`mmv.eval.probe.paired_macro_auroc_difference`).
 
 ``run_demo(out_dir)`` writes ``demo_results.json``, ``demo_results.md`` and ``demo_auroc.png`` into
 ``out_dir`` (besides the phantoms and the pretraining run) and returns the results.
@@ -29,13 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
+from mmv.eval.probe import evaluate_probe, fit_linear_probe, paired_macro_auroc_difference
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
 from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
 from mmv.train import Trainer
 from mmv.train_config import PretrainConfig
 
-__all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features", "paired_difference"]
+__all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features"]
 
 MODALITIES = {"xray": "DX", "ct": "CT"}
 # Bootstrap replicates behind every interval the demo reports.
@@ -187,8 +188,6 @@ def _split_rows(manifest: Path) -> dict[str, str]:
 
 def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: int) -> tuple[dict[str, Any], Any]:
     """The probe's figures on the test split, and its :class:`mmv.eval.probe.ProbeEvaluation`."""
-    from mmv.eval.probe import evaluate_probe, fit_linear_probe
-
     rows = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
     probe = fit_linear_probe(
         features[rows["train"]], labels[rows["train"]], features[rows["val"]], labels[rows["val"]],
@@ -204,38 +203,6 @@ def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: i
         "test_rows": int(rows["test"].size),
     }
     return figures, evaluation
-
-
-def paired_difference(pretrained, baseline, seed: int, num_resamples: int = 1000, confidence: float = 0.95) -> dict[str, Any]:
-    """Macro AUROC of ``pretrained`` minus that of ``baseline`` (two ProbeEvaluations of the same test rows),
-    with a paired percentile bootstrap interval: every replicate draws one resample of the rows and scores
-    both encoders on it, so the interval is that of the difference itself, not of two separate estimates.
-
-    The macro average runs over the findings defined (both classes present) for both encoders on the full
-    test rows; replicates where one of them lacks a class are left out.
-    """
-    from mmv.eval.metrics import auroc_on_resamples
-
-    if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 1:
-        raise ValueError(f"paired_difference: num_resamples must be a positive int, got {num_resamples!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"paired_difference: confidence must lie in (0, 1), got {confidence!r}")
-    if not np.array_equal(pretrained.labels, baseline.labels, equal_nan=True):
-        raise ValueError("paired_difference: the two evaluations must be of the same test rows (their labels differ)")
-    defined = ~np.isnan(pretrained.auroc) & ~np.isnan(baseline.auroc)
-    if not defined.any():
-        return {"macro_auroc": float("nan"), "interval": [float("nan"), float("nan")], "confidence": confidence}
-    rows = np.random.default_rng(seed).integers(0, pretrained.labels.shape[0], size=(num_resamples, pretrained.labels.shape[0]))
-    labels = pretrained.labels[:, defined]
-    replicates = (
-        auroc_on_resamples(pretrained.scores[:, defined], labels, rows)
-        - auroc_on_resamples(baseline.scores[:, defined], labels, rows)
-    )
-    complete = replicates[~np.isnan(replicates).any(axis=1)].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    interval = [float(v) for v in np.quantile(complete, [tail, 1.0 - tail])] if complete.size else [float("nan")] * 2
-    difference = float(pretrained.auroc[defined].mean() - baseline.auroc[defined].mean())
-    return {"macro_auroc": difference, "interval": interval, "confidence": confidence}
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
@@ -335,7 +302,7 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
             labels = np.array([record.labels for record in records], dtype=np.float64)[rows]
             splits = np.array([split_of[record.id] for record in records], dtype=object)[rows]
             detail[modality][name], evaluations[name] = _probe(features[rows], labels, splits, settings.seed)
-        difference[modality] = paired_difference(
+        difference[modality] = paired_macro_auroc_difference(
             evaluations["ssl"], evaluations["random"], settings.seed, num_resamples=_BOOTSTRAP_RESAMPLES
         )
     timings["probe_s"] = time.perf_counter() - mark

@@ -2,15 +2,11 @@
 
 import json
 import math
-from types import SimpleNamespace
 
-import numpy as np
-import pytest
 import torch
 
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
-from mmv.demo import DemoSettings, demo_config, initial_encoder, paired_difference, run_demo
-from mmv.eval.metrics import auroc
+from mmv.demo import DemoSettings, demo_config, initial_encoder, run_demo
 from mmv.pretrain_data import build_pretraining_sources
 from mmv.train import Trainer
 
@@ -44,29 +40,3 @@ def test_demo_writes_both_encoders_results_per_modality(tmp_path):
         assert len(difference["interval"]) == 2 and difference["confidence"] == 0.95
     assert (tmp_path / "demo_auroc.png").stat().st_size > 0
     assert "macro AUROC" in (tmp_path / "demo_results.md").read_text()
-
-
-def _evaluation(scores, labels):
-    return SimpleNamespace(scores=scores, labels=labels, auroc=np.atleast_1d(auroc(scores, labels)))
-
-
-def test_paired_difference_is_the_macro_gap_with_a_paired_interval():
-    rng = np.random.default_rng(0)
-    labels = (rng.random((60, 3)) < 0.5).astype(np.float64)
-    informative = _evaluation(labels + 0.8 * rng.standard_normal(labels.shape), labels)
-    noise = _evaluation(rng.standard_normal(labels.shape), labels)
-
-    same = paired_difference(informative, informative, seed=1, num_resamples=200)
-    assert same["macro_auroc"] == 0.0 and same["interval"] == [0.0, 0.0]
-
-    gap = paired_difference(informative, noise, seed=1, num_resamples=200)
-    expected = informative.auroc.mean() - noise.auroc.mean()
-    assert gap["macro_auroc"] == pytest.approx(expected)
-    low, high = gap["interval"]
-    assert 0.0 < low < expected < high
-    assert paired_difference(noise, informative, seed=1, num_resamples=200)["macro_auroc"] == pytest.approx(-expected)
-
-    with pytest.raises(ValueError, match="same test rows"):
-        paired_difference(informative, _evaluation(noise.scores, 1.0 - labels), seed=1)
-    with pytest.raises(ValueError, match="num_resamples"):
-        paired_difference(informative, noise, seed=1, num_resamples=0)

@@ -1,11 +1,13 @@
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from mmv.eval.features import RowSelection
-from mmv.eval.probe import evaluate_probe, fit_linear_probe
+from mmv.eval.metrics import auroc
+from mmv.eval.probe import evaluate_probe, fit_linear_probe, paired_macro_auroc_difference
 
 NUM_FEATURES = 24
 
@@ -120,3 +122,29 @@ def test_probe_weights_match_a_newton_solution():
         solution -= np.linalg.solve(hessian, gradient)
     np.testing.assert_allclose(probe.weight[:, 0], solution[:8], atol=1e-4)
     assert probe.bias[0] == pytest.approx(solution[8], abs=1e-4)
+
+
+def _evaluation(scores, labels):
+    return SimpleNamespace(scores=scores, labels=labels, auroc=np.atleast_1d(auroc(scores, labels)))
+
+
+def test_paired_macro_auroc_difference_is_the_macro_gap_with_a_paired_interval():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((60, 3)) < 0.5).astype(np.float64)
+    informative = _evaluation(labels + 0.8 * rng.standard_normal(labels.shape), labels)
+    noise = _evaluation(rng.standard_normal(labels.shape), labels)
+
+    same = paired_macro_auroc_difference(informative, informative, seed=1, num_resamples=200)
+    assert same["macro_auroc"] == 0.0 and same["interval"] == [0.0, 0.0]
+
+    gap = paired_macro_auroc_difference(informative, noise, seed=1, num_resamples=200)
+    expected = informative.auroc.mean() - noise.auroc.mean()
+    assert gap["macro_auroc"] == pytest.approx(expected)
+    low, high = gap["interval"]
+    assert 0.0 < low < expected < high
+    assert paired_macro_auroc_difference(noise, informative, seed=1, num_resamples=200)["macro_auroc"] == pytest.approx(-expected)
+
+    with pytest.raises(ValueError, match="same test rows"):
+        paired_macro_auroc_difference(informative, _evaluation(noise.scores, 1.0 - labels), seed=1)
+    with pytest.raises(ValueError, match="num_resamples"):
+        paired_macro_auroc_difference(informative, noise, seed=1, num_resamples=0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmv.eval.lbfgs import minimise_lbfgs
-from mmv.eval.metrics import BootstrapInterval, auroc, bootstrap_auroc
+from mmv.eval.metrics import BootstrapInterval, auroc, auroc_on_resamples, bootstrap_auroc
 
 __all__ = [
     "DEFAULT_L2_GRID",
@@ -35,6 +35,7 @@ __all__ = [
     "ProbeEvaluation",
     "evaluate_probe",
     "fit_linear_probe",
+    "paired_macro_auroc_difference",
 ]
 
 DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -384,3 +385,35 @@ def evaluate_probe(
         positives=(labels == 1).sum(axis=0),
         negatives=(labels == 0).sum(axis=0),
     )
+
+
+def paired_macro_auroc_difference(
+    pretrained: ProbeEvaluation, baseline: ProbeEvaluation, seed: int, num_resamples: int = 1000, confidence: float = 0.95
+) -> dict[str, Any]:
+    """Macro AUROC of ``pretrained`` minus that of ``baseline`` (two ProbeEvaluations of the same test rows),
+    with a paired percentile bootstrap interval: every replicate draws one resample of the rows and scores
+    both encoders on it, so the interval is that of the difference itself, not of two separate estimates.
+
+    The macro average runs over the findings defined (both classes present) for both encoders on the full
+    test rows; replicates where one of them lacks a class are left out.
+    """
+    if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 1:
+        raise ValueError(f"paired_macro_auroc_difference: num_resamples must be a positive int, got {num_resamples!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"paired_macro_auroc_difference: confidence must lie in (0, 1), got {confidence!r}")
+    if not np.array_equal(pretrained.labels, baseline.labels, equal_nan=True):
+        raise ValueError("paired_macro_auroc_difference: the two evaluations must be of the same test rows (their labels differ)")
+    defined = ~np.isnan(pretrained.auroc) & ~np.isnan(baseline.auroc)
+    if not defined.any():
+        return {"macro_auroc": float("nan"), "interval": [float("nan"), float("nan")], "confidence": confidence}
+    rows = np.random.default_rng(seed).integers(0, pretrained.labels.shape[0], size=(num_resamples, pretrained.labels.shape[0]))
+    labels = pretrained.labels[:, defined]
+    replicates = (
+        auroc_on_resamples(pretrained.scores[:, defined], labels, rows)
+        - auroc_on_resamples(baseline.scores[:, defined], labels, rows)
+    )
+    complete = replicates[~np.isnan(replicates).any(axis=1)].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    interval = [float(v) for v in np.quantile(complete, [tail, 1.0 - tail])] if complete.size else [float("nan")] * 2
+    difference = float(pretrained.auroc[defined].mean() - baseline.auroc[defined].mean())
+    return {"macro_auroc": difference, "interval": interval, "confidence": confidence}
