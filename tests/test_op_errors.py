@@ -45,9 +45,12 @@ def assert_names_argument(raised: pytest.ExceptionInfo, argument: str) -> None:
     assert re.search(rf"\b{re.escape(argument)}\b", message), f"{argument!r} not named in: {message}"
 
 
-@pytest.fixture
-def reference_fallback(monkeypatch):
-    """Make mmv.ops take its plain PyTorch fallback, as on a device without an mmv kernel."""
+@pytest.fixture(params=["kernel", "reference_fallback"])
+def op_path(request, monkeypatch):
+    """The path mmv.ops takes: its kernel, or its plain PyTorch fallback as on a device without one."""
+    if request.param == "kernel":
+        yield
+        return
     for module in ("mmv.ops.rope3d", "mmv.ops.packed_attention"):
         monkeypatch.setattr(importlib.import_module(module), "has_kernel", lambda op_name, device_type: False)
     with warnings.catch_warnings():
@@ -117,14 +120,7 @@ def test_rope3d_kernel_rejects(bad):
 
 
 @pytest.mark.parametrize("bad", ROPE_BAD_INPUTS, ids=str)
-def test_rope3d_rejects(bad):
-    with pytest.raises(bad.error) as raised:
-        rope3d(**bad.change(valid_rope_args()))
-    assert_names_argument(raised, bad.argument)
-
-
-@pytest.mark.parametrize("bad", ROPE_BAD_INPUTS, ids=str)
-def test_rope3d_fallback_rejects(bad, reference_fallback):
+def test_rope3d_rejects(bad, op_path):
     with pytest.raises(bad.error) as raised:
         rope3d(**bad.change(valid_rope_args()))
     assert_names_argument(raised, bad.argument)
@@ -240,14 +236,7 @@ def test_packed_attention_bwd_kernel_rejects(bad):
 
 
 @pytest.mark.parametrize("bad", ATTENTION_BAD_INPUTS, ids=str)
-def test_packed_attention_rejects(bad):
-    with pytest.raises(bad.error) as raised:
-        packed_attention(**bad.change(valid_attention_args()))
-    assert_names_argument(raised, bad.argument)
-
-
-@pytest.mark.parametrize("bad", ATTENTION_BAD_INPUTS, ids=str)
-def test_packed_attention_fallback_rejects(bad, reference_fallback):
+def test_packed_attention_rejects(bad, op_path):
     with pytest.raises(bad.error) as raised:
         packed_attention(**bad.change(valid_attention_args()))
     assert_names_argument(raised, bad.argument)
