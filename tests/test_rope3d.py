@@ -57,6 +57,15 @@ def test_cpu_kernel_is_registered():
     assert has_kernel("rope3d", "cpu")
 
 
+def rope3d_gradient(problem, seed):
+    """A random output gradient for the problem, and the gradient rope3d gives x for it."""
+    x, coords, freqs, sections, interleaved = problem
+    x = x.detach().requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=generator_from(seed)).to(x.dtype)
+    (grad_x,) = torch.autograd.grad(rope3d(x, coords, freqs, sections, interleaved), x, grad_out)
+    return grad_out, grad_x
+
+
 @OP_SETTINGS
 @given(problem=rope_problems())
 def test_forward_matches_float64_reference(problem):
@@ -71,9 +80,7 @@ def test_forward_matches_float64_reference(problem):
 @given(problem=rope_problems(), seed=seeds)
 def test_gradient_matches_float64_reference(problem, seed):
     x, coords, freqs, sections, interleaved = problem
-    x = x.detach().requires_grad_(True)
-    grad_out = torch.randn(x.shape, generator=generator_from(seed)).to(x.dtype)
-    (grad_x,) = torch.autograd.grad(rope3d(x, coords, freqs, sections, interleaved), x, grad_out)
+    grad_out, grad_x = rope3d_gradient(problem, seed)
 
     x64 = x.detach().double().requires_grad_(True)
     out64 = reference.rope3d(x64, coords, freqs, sections, interleaved)
@@ -171,9 +178,7 @@ def test_negated_freqs_invert_the_rotation(problem):
 @given(problem=rope_problems(), seed=seeds)
 def test_backward_is_the_rotation_by_negated_freqs(problem, seed):
     x, coords, freqs, sections, interleaved = problem
-    x = x.detach().requires_grad_(True)
-    grad_out = torch.randn(x.shape, generator=generator_from(seed)).to(x.dtype)
-    (grad_x,) = torch.autograd.grad(rope3d(x, coords, freqs, sections, interleaved), x, grad_out)
+    grad_out, grad_x = rope3d_gradient(problem, seed)
     assert torch.equal(grad_x, rope3d(grad_out, coords, -freqs, sections, interleaved))
 
 
