@@ -76,6 +76,37 @@ struct TokenHeadView {
 
 inline TokenHeadView view_of(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// What the forward and the backward kernels both read: q, k, v, the sequence bounds and the sizes.
+struct PackedProblem {
+  TokenHeadView q, k, v;
+  const int* cu_seqlens;
+  int batch;
+  int num_tokens;
+  int num_heads;
+  int head_dim;
+  double scale;
+  float scale_log2;  // scale * log2(e): the tensor-core kernels work in powers of 2
+};
+
+// cu: the contiguous cu_seqlens, kept alive by the caller while the kernels run.
+inline PackedProblem packed_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu, double scale) {
+  PackedProblem problem{};
+  problem.q = view_of(q);
+  problem.k = view_of(k);
+  problem.v = view_of(v);
+  problem.cu_seqlens = cu.data_ptr<int32_t>();
+  problem.batch = static_cast<int>(cu.size(0) - 1);
+  problem.num_tokens = static_cast<int>(q.size(0));
+  problem.num_heads = static_cast<int>(q.size(1));
+  problem.head_dim = static_cast<int>(q.size(2));
+  problem.scale = scale;
+  problem.scale_log2 = static_cast<float>(scale) * kLog2e;
+  return problem;
+}
+
 // validate=True: one host copy of cu_seqlens (a synchronisation) and the shared value check, before
 // any kernel is launched.
 inline void check_cu_seqlens_on_host(const at::Tensor& cu_seqlens, int64_t num_tokens, int64_t max_seqlen,

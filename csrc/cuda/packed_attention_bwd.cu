@@ -40,10 +40,8 @@ namespace {
 
 using namespace attention;
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-struct BackwardParams {
-  TokenHeadView q, k, v, out, dout;
+struct BackwardParams : PackedProblem {
+  TokenHeadView out, dout;
   const float* lse;  // (H, T), natural log, as the forward wrote it
   // (H, T) in the path's accumulation type: D = rowsum(dout * out), and the log-sum-exp the path uses
   // (log2 units for the tensor cores, natural log otherwise).
@@ -53,14 +51,7 @@ struct BackwardParams {
   void* dk;
   void* dv;
   float* dq_accum;  // (T, H, D) float32, zero-filled; only for the atomic dQ path
-  const int* cu_seqlens;
   int64_t* schedule;
-  int batch;
-  int num_tokens;
-  int num_heads;
-  int head_dim;
-  double scale;
-  float scale_log2;
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -785,22 +776,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   BackwardParams p{};
-  p.q = view_of(q);
-  p.k = view_of(k);
-  p.v = view_of(v);
+  static_cast<PackedProblem&>(p) = packed_problem(q, k, v, cu, scale);
   p.out = view_of(out);
   p.dout = view_of(dout);
   p.lse = lse_c.data_ptr<float>();
   p.dq = grads.dq.data_ptr();
   p.dk = grads.dk.data_ptr();
   p.dv = grads.dv.data_ptr();
-  p.cu_seqlens = cu.data_ptr<int32_t>();
-  p.batch = static_cast<int>(batch);
-  p.num_tokens = static_cast<int>(num_tokens);
-  p.num_heads = static_cast<int>(num_heads);
-  p.head_dim = static_cast<int>(head_dim);
-  p.scale = scale;
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), op, [&] {
     using element_t = typename CudaType<scalar_t>::type;

@@ -35,21 +35,12 @@ namespace {
 
 using namespace attention;
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-struct ForwardParams {
-  TokenHeadView q, k, v;
+struct ForwardParams : PackedProblem {
   void* out;   // (T, H, D), contiguous
   float* lse;  // (H, T)
-  const int* cu_seqlens;
   int64_t* schedule;
-  int batch;
-  int num_tokens;
-  int num_heads;
-  int head_dim;
-  double scale;
-  float scale_log2;  // scale * log2(e): the tensor-core kernel works in powers of 2
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -414,18 +405,9 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd_cuda(const at::Tensor& q
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   ForwardParams p{};
-  p.q = view_of(q);
-  p.k = view_of(k);
-  p.v = view_of(v);
+  static_cast<PackedProblem&>(p) = packed_problem(q, k, v, cu, scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.cu_seqlens = cu.data_ptr<int32_t>();
-  p.batch = static_cast<int>(batch);
-  p.num_tokens = static_cast<int>(num_tokens);
-  p.num_heads = static_cast<int>(num_heads);
-  p.head_dim = static_cast<int>(head_dim);
-  p.scale = scale;
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), op, [&] {
     using element_t = typename CudaType<scalar_t>::type;
