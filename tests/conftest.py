@@ -147,6 +147,24 @@ def packed_lengths(draw, max_sequences: int = 6, max_tokens: int = 400) -> list[
     return lengths
 
 
+# None: the default D^-1/2. The others include a zero scale (uniform attention), a negative one and one
+# large enough for scores of tens, which tests the online softmax's running maximum.
+scales = st.sampled_from([None, 0.0, -0.3, 0.05, 1.0])
+
+
+@st.composite
+def attention_problems(draw, dtype_strategy=dtypes, head_dim_strategy=attention_head_dims):
+    """CPU q, k, v of a packed batch in one of the layouts, with its lengths and scale."""
+    lengths = draw(packed_lengths())
+    num_heads = draw(st.integers(1, 3))
+    head_dim = draw(head_dim_strategy)
+    dtype = draw(dtype_strategy)
+    layout = draw(layouts)
+    generator = generator_from(draw(seeds))
+    q, k, v = make_token_head_tensors(3, sum(lengths), num_heads, head_dim, dtype, layout, generator)
+    return q, k, v, lengths, draw(scales)
+
+
 @st.composite
 def rope_sections(draw, num_pairs: int) -> tuple[int, int, int]:
     """(s_z, s_y, s_x) that either cover all ``num_pairs`` pairs or leave some unrotated."""

@@ -17,11 +17,10 @@ from conftest import (
     OP_SETTINGS,
     TOLERANCES,
     assert_matches,
+    attention_problems,
     cu_seqlens_of,
     generator_from,
-    layouts,
     make_token_head_tensors,
-    packed_lengths,
     random_coords,
     seeds,
 )
@@ -37,7 +36,7 @@ from test_op_errors import (
     valid_attention_args,
     valid_rope_args,
 )
-from test_packed_attention import reference_float64, reference_gradients_float64, scales
+from test_packed_attention import reference_float64, reference_gradients_float64
 from test_rope3d import rope_problems
 
 from mmv.ops import has_kernel, packed_attention, reference, rope3d, rope_freqs
@@ -79,24 +78,18 @@ def gradients(q, k, v, cu_seqlens, grad_out, scale=None, deterministic=False, va
     return out, torch.autograd.grad(out, (q, k, v), grad_out)
 
 
-@st.composite
-def attention_problems(draw, dtype_strategy, head_dim_strategy):
-    """CUDA q, k, v (requiring gradients) of a packed batch, with its lengths and scale."""
-    lengths = draw(packed_lengths())
-    num_heads = draw(st.integers(1, 3))
-    head_dim = draw(head_dim_strategy)
-    dtype = draw(dtype_strategy)
-    layout = draw(layouts)
-    generator = generator_from(draw(seeds))
-    q, k, v = cuda_tensors(3, sum(lengths), num_heads, head_dim, dtype, layout, generator, requires_grad=True)
-    return q, k, v, lengths, draw(scales)
+def cuda_attention_problems(dtype_strategy, head_dim_strategy):
+    """``attention_problems`` with q, k, v on the GPU (layouts kept), requiring gradients."""
+    return attention_problems(dtype_strategy, head_dim_strategy).map(
+        lambda problem: (*(on_cuda(t, requires_grad=True) for t in problem[:3]), *problem[3:])
+    )
 
 
-tensor_core_problems = attention_problems(st.sampled_from(TENSOR_CORE_DTYPES), st.sampled_from(TENSOR_CORE_HEAD_DIMS))
+tensor_core_problems = cuda_attention_problems(st.sampled_from(TENSOR_CORE_DTYPES), st.sampled_from(TENSOR_CORE_HEAD_DIMS))
 # The plain kernel: float32 at any head_dim, and low precision at head dims the tensor cores leave out.
 plain_problems = st.one_of(
-    attention_problems(st.just(torch.float32), st.integers(1, 256)),
-    attention_problems(st.sampled_from(TENSOR_CORE_DTYPES), st.integers(1, 256).filter(lambda d: d not in (32, 64, 128))),
+    cuda_attention_problems(st.just(torch.float32), st.integers(1, 256)),
+    cuda_attention_problems(st.sampled_from(TENSOR_CORE_DTYPES), st.integers(1, 256).filter(lambda d: d not in (32, 64, 128))),
 )
 
 

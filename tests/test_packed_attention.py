@@ -10,37 +10,16 @@ from conftest import (
     OP_SETTINGS,
     TOLERANCES,
     assert_matches,
-    attention_head_dims,
+    attention_problems,
     cu_seqlens_of,
-    dtypes,
     generator_from,
-    layouts,
     make_token_head_tensors,
-    packed_lengths,
     seeds,
 )
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mmv.ops import has_kernel, packed_attention, reference
-
-# None: the default D^-1/2. The others include a zero scale (uniform attention), a negative one and one
-# large enough for scores of tens, which tests the online softmax's running maximum.
-scales = st.sampled_from([None, 0.0, -0.3, 0.05, 1.0])
-
-
-@st.composite
-def attention_problems(draw, dtype_strategy=dtypes):
-    """q, k, v of a packed batch with its cu_seqlens, lengths and scale."""
-    lengths = draw(packed_lengths())
-    num_heads = draw(st.integers(1, 3))
-    head_dim = draw(attention_head_dims)
-    dtype = draw(dtype_strategy)
-    layout = draw(layouts)
-    generator = generator_from(draw(seeds))
-    q, k, v = make_token_head_tensors(3, sum(lengths), num_heads, head_dim, dtype, layout, generator)
-    return q, k, v, lengths, draw(scales)
-
 
 def reference_float64(q, k, v, cu_seqlens, scale):
     """(out, lse) of the reference in float64, from the same (rounded) inputs as the op saw."""
