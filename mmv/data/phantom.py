@@ -8,7 +8,9 @@ lungs (never in what the heart and the aorta cover):
 ``Lung nodule``
     one to three solid spheres of 8-30 mm diameter.
 ``Pleural effusion``
-    fluid filling the dependent (posterior, basal) part of one or both pleural spaces.
+    fluid in one or both pleural spaces, where gravity takes it: the CT is taken lying down, so the fluid
+    fills the posterior, basal part of the lung; the radiograph is taken standing, so the same amount of
+    fluid fills the base and climbs the lateral chest wall (the meniscus), blunting the costophrenic angle.
 ``Cardiomegaly``
     a heart 30-50 % wider than normal (cardiothoracic ratio well above one half).
 ``Consolidation``
@@ -22,7 +24,8 @@ for radiographs also a slight rotation, the magnification, the exposure, scatter
 detector's grey-level curve. A reader of the images has to see the findings through that variation.
 
 The radiograph of a phantom is a digitally reconstructed radiograph (DRR): the line integral of the
-linear attenuation through the volume along the anterior-posterior axis, shown as in a PA film (patient
+linear attenuation through the standing patient's volume (:attr:`Phantom.erect_hu`) along the
+anterior-posterior axis, shown as in a PA film (patient
 left on the image's right, head at the top, dense tissue bright), with quantum noise.
 
 Volumes are held in the canonical LPS orientation of :mod:`mmv.data.io` (x toward the patient's left, y
@@ -124,16 +127,20 @@ class Phantom:
     """One generated chest phantom.
 
     Attributes:
-        hu: float32 ``[z, y, x]`` CT numbers in HU (LPS orientation, z toward superior).
+        hu: float32 ``[z, y, x]`` CT numbers in HU (LPS orientation, z toward superior), as the CT scans
+            the patient: lying down, with the scanner's noise.
         spacing: voxel size in mm, (z, y, x).
         findings: finding name -> present, for every name of :data:`PHANTOM_FINDINGS`.
         index: the phantom's number in its data set.
+        erect_hu: the same patient standing, as a PA radiograph is taken (pleural fluid at the lung bases),
+            without the CT's noise; None means as ``hu``.
     """
 
     hu: np.ndarray
     spacing: tuple[float, float, float]
     findings: dict[str, bool] = field(default_factory=dict)
     index: int = 0
+    erect_hu: np.ndarray | None = None
 
 
 class _Grid:
@@ -376,14 +383,18 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
     sternum_y = -body_y * (1 - fat) + 8.0
     grid.cylinder_z((sternum_y, 0.0), (7.0, 14.0), (lung_z0 - 60.0, lung_z0 + 90.0)).paint(hu, 400.0)
 
-    # Findings inside the lungs.
+    # Findings inside the lungs, in the patient lying (the CT's) and standing (the radiograph's).
+    erect = hu.clone()
     if findings["Pleural effusion"]:
         sides = [0, 1] if rng.random() < 0.5 else [int(rng.integers(2))]
         for side in sides:
             lung, region, centre, semi = lung_parts[side]
-            z, y, _ = grid.local(region.slices)
+            z, y, x = grid.local(region.slices)
             dependent = (y - centre[1]) / semi[1] + (centre[0] - z) / semi[0] > _uniform(rng, 0.2, 0.7)
-            _Region(region.slices, region.mask & dependent).paint(hu, _uniform(rng, 5, 20))
+            lying = region.mask & dependent
+            fluid = _uniform(rng, 5, 20)
+            _Region(region.slices, lying).paint(hu, fluid)
+            _Region(region.slices, _standing_fluid(region.mask, lying, z, x, centre, semi, side)).paint(erect, fluid)
     if findings["Consolidation"]:
         # Airspace disease filling part of one lobe: the upper or the lower lobe of a lung, split by an
         # oblique fissure that runs from high at the back to low at the front.
@@ -398,18 +409,46 @@ def generate_phantom(index: int, seed: int = 0, settings: PhantomSettings | None
         extent = grid.ellipsoid(focus, tuple(_uniform(rng, 30, 55) for _ in range(3)))
         consolidation = _Region(extent.slices, extent.mask & lobe_region.dense(shape)[extent.slices])
         dense = _uniform(rng, -100, 30) + 30.0 * _smooth_noise(shape, grid.spacing, 10.0, generator)
-        consolidation.paint(hu, dense)
-        consolidation.paint(hu, -950.0, vessel_field.abs() < 0.12)  # air bronchograms
+        for volume in (hu, erect):
+            consolidation.paint(volume, dense)
+            consolidation.paint(volume, -950.0, vessel_field.abs() < 0.12)  # air bronchograms
     if findings["Lung nodule"]:
         for _ in range(int(rng.integers(1, 4))):
             lung, region, _, _ = lung_parts[int(rng.integers(2))]
             nodule_radius = _uniform(rng, 4, 15)
             nodule = grid.ellipsoid(_random_point_in(lung, grid, rng, region), (nodule_radius,) * 3)
-            nodule.paint(hu, _uniform(rng, 20, 60), lungs)
+            density = _uniform(rng, 20, 60)
+            for volume in (hu, erect):
+                nodule.paint(volume, density, lungs)
 
     # Quantum noise of the CT: dose and patient size vary it several-fold between scans.
     hu += math.exp(_uniform(rng, math.log(6.0), math.log(30.0))) * torch.randn(shape, generator=generator)
-    return Phantom(hu=hu.clamp_(-1024.0, 3071.0).numpy(), spacing=grid.spacing, findings=findings, index=index)
+    return Phantom(
+        hu=hu.clamp_(-1024.0, 3071.0).numpy(),
+        spacing=grid.spacing,
+        findings=findings,
+        index=index,
+        erect_hu=erect.clamp_(-1024.0, 3071.0).numpy(),
+    )
+
+
+def _standing_fluid(lung, lying, z, x, centre, semi, side: float) -> torch.Tensor:
+    """Where the pleural fluid of ``lying`` settles when the patient stands: the lowest voxels of ``lung``,
+    as many as ``lying`` holds (rounded up to whole columns along y), with the surface curving up toward
+    the lateral chest wall (the meniscus).
+
+    ``lung`` and ``lying`` are masks over one lung's box; ``z`` and ``x`` its coordinates in mm; ``side``
+    -1 for the right lung, 1 for the left.
+    """
+    # Lower is deeper in the fluid, and the surface curves up toward the lateral wall; the fluid takes
+    # the deepest voxels.
+    lateral = (side * (x - centre[2]) / semi[2]).clamp_min(0.0)
+    depth = ((centre[0] - z) / semi[0] + 0.5 * lateral**2).expand(lung.shape)
+    count = int(lying.sum())
+    if count == 0:
+        return torch.zeros_like(lung)
+    level = torch.topk(depth[lung], count).values[-1]
+    return lung & (depth >= level)
 
 
 def radiograph(phantom: Phantom, spacing: float = 2.0, seed: int = 0) -> tuple[np.ndarray, tuple[float, float]]:
@@ -428,7 +467,7 @@ def radiograph(phantom: Phantom, spacing: float = 2.0, seed: int = 0) -> tuple[n
         raise ValueError(f"radiograph: spacing must be a positive number of mm, got {spacing}")
     rng = np.random.default_rng([seed, phantom.index, 1])
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    hu = torch.from_numpy(phantom.hu)
+    hu = torch.from_numpy(phantom.hu if phantom.erect_hu is None else phantom.erect_hu)
     dz, dy, dx = phantom.spacing
     attenuation = (_WATER_ATTENUATION_PER_MM * (1.0 + hu / 1000.0)).clamp_min(0.0)
     line_integral = attenuation.sum(dim=1) * dy  # [z, x]
