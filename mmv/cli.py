@@ -5,7 +5,7 @@
     it trains with DDP (``torchrun --nproc_per_node 2 -m mmv.cli pretrain ...``).
 ``mmv phantom --out DIR [--count N] [--seed S]``
     writes a phantom data set (:mod:`mmv.data.phantom`).
-``mmv demo [--out DIR]``
+``mmv demo [--out DIR] [--set section.key=value ...]``
     phantoms -> pretraining -> linear probes, pretrained against random initialisation (:mod:`mmv.demo`).
 ``mmv embed CHECKPOINT --dataset KIND --data PATH --out DIR``
     frozen features of a data set as a feature table (:mod:`mmv.eval.embed`).
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, help="pretraining steps")
     demo.add_argument("--seed", type=int)
     demo.add_argument("--threads", type=_positive_int, help="torch threads")
+    demo.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one value of the pretraining config (TOML syntax), e.g. --set run.seed=1; repeatable",
+    )
 
     add_embed_arguments(commands.add_parser("embed", help="frozen encoder features of a data set"))
 
@@ -124,7 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
     from mmv.demo import DemoSettings, format_results, run_demo
 
     chosen = {"num_phantoms": args.phantoms, "steps": args.steps, "seed": args.seed, "threads": args.threads}
-    settings = DemoSettings(**{k: v for k, v in chosen.items() if v is not None})
+    settings = DemoSettings(**{k: v for k, v in chosen.items() if v is not None}, overrides=tuple(args.overrides))
     results = run_demo(args.out, settings)
     print("Linear-probe AUROC on the test phantoms, pretrained encoder vs the same encoder at random initialisation:")
     print(format_results(results))

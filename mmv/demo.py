@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
+from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
 from mmv.eval.probe import evaluate_probe, fit_linear_probe, paired_macro_auroc_difference
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
 from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
 from mmv.train import Trainer
-from mmv.train_config import PretrainConfig
+from mmv.train_config import PretrainConfig, apply_overrides
 
 __all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features"]
 
@@ -59,6 +59,9 @@ class DemoSettings:
             sums in another order, and a few hundred training steps carry that into other AUROCs. One
             thread is also the quickest on a busy two-core machine. None chooses the cores left free by
             other processes (at least one): faster on an idle machine, but then the figures follow the load.
+        overrides: ``section.key=value`` changes of the pretraining config (TOML values, as ``mmv pretrain
+            --set`` takes them), applied last, e.g. ``("run.seed=1", "ssl.teacher_temperature=[0.04, 0.04]")``:
+            variants of the recipe on the same phantoms. ``run.seed`` also seeds the random-init baseline.
     """
 
     num_phantoms: int = 600
@@ -69,76 +72,76 @@ class DemoSettings:
     ct_spacing: float = 5.0
     xray_spacing: float = 2.5
     threads: int | None = 1
+    overrides: tuple[str, ...] = ()
 
 
 def demo_config(settings: DemoSettings, manifest: Path, out_dir: Path) -> PretrainConfig:
     """The pretraining configuration of the demo: ``vit_tiny`` on the training phantoms."""
     spacing = settings.ct_spacing
-    return PretrainConfig.from_dict(
-        {
-            # LayerScale starts the residual branches at 1e-5 for long runs of large models; a few hundred
-            # steps of a small one learn faster without it (as DINO's ViT-S did).
-            "model": {"preset": "vit_tiny", "options": {"drop_path_rate": 0.0, "layer_scale_init": None}},
-            "data": {
-                "sources": [{"kind": "manifest", "path": str(manifest), "id_column": "id", "split": "train"}],
-                "ct_spacing": [spacing, spacing, spacing],
-                "xray_spacing": settings.xray_spacing,
-                "max_tokens": settings.max_tokens,
-                "window": 64,
-            },
-            "augment": {
-                "num_global": 2,
-                "num_local": 2,
-                # Small views (36 tokens per global radiograph view, 27 per global CT view) put about twice
-                # as many images into a step's token budget as 128 px / 64^3 views: Sinkhorn-Knopp spreads
-                # a larger batch over the prototypes, and the same time buys more epochs.
-                "global_size_2d": [96, 96],
-                "global_size_3d": [48, 48, 48],
-                "local_size_2d": [32, 32],
-                "local_size_3d": [32, 32, 32],
-                # Global views of most of the chest agree with each other from the first step, which is
-                # what lets the teacher's targets, and so the student, settle on the image's content.
-                "global_scale": [0.7, 1.0],
-                "local_scale": [0.2, 0.5],
-                # No contrast or brightness jitter: intensities are already normalised per image (CT by a
-                # fixed HU window, radiographs by percentiles), and the level of the lungs against the rest
-                # is what shows emphysema, effusion and consolidation (in short runs, jitter lowered the
-                # radiograph probes).
-                "contrast": [1.0, 1.0],
-                "brightness": [0.0, 0.0],
-                "blur_probability": 0.3,
-                "blur_sigma_mm": [1.0, 6.0],
-            },
-            "ssl": {
-                "num_prototypes": 64,
-                "head_hidden_dim": 512,
-                "head_bottleneck_dim": 128,
-                "head_batch_norm": True,
-                "normalisation": "sinkhorn",
-                # Sharp targets from the first step: a short run cannot wait for a warm-up out of the
-                # near-uniform targets that a warmer teacher gives on an untrained encoder.
-                "teacher_temperature": [0.02, 0.02],
-                "teacher_temperature_warmup_steps": settings.steps // 3,
-                "momentum": [0.97, 1.0],
-            },
-            "optim": {
-                "steps": settings.steps,
-                "lr": settings.lr,
-                "min_lr": settings.lr / 100,
-                "warmup_steps": max(1, settings.steps // 10),
-                "freeze_last_layer_steps": max(1, settings.steps // 20),
-            },
-            "run": {
-                "out_dir": str(out_dir),
-                "seed": settings.seed,
-                "device": "cpu",
-                "log_every": 5,
-                "checkpoint_every": max(1, settings.steps // 2),
-                "keep_checkpoints": 1,
-                "num_threads": settings.threads,
-            },
-        }
-    )
+    recipe = {
+        # LayerScale starts the residual branches at 1e-5 for long runs of large models; a few hundred
+        # steps of a small one learn faster without it (as DINO's ViT-S did).
+        "model": {"preset": "vit_tiny", "options": {"drop_path_rate": 0.0, "layer_scale_init": None}},
+        "data": {
+            "sources": [{"kind": "manifest", "path": str(manifest), "id_column": "id", "split": "train"}],
+            "ct_spacing": [spacing, spacing, spacing],
+            "xray_spacing": settings.xray_spacing,
+            "max_tokens": settings.max_tokens,
+            "window": 64,
+        },
+        "augment": {
+            "num_global": 2,
+            "num_local": 2,
+            # Small views (36 tokens per global radiograph view, 27 per global CT view) put about twice
+            # as many images into a step's token budget as 128 px / 64^3 views: Sinkhorn-Knopp spreads
+            # a larger batch over the prototypes, and the same time buys more epochs.
+            "global_size_2d": [96, 96],
+            "global_size_3d": [48, 48, 48],
+            "local_size_2d": [32, 32],
+            "local_size_3d": [32, 32, 32],
+            # Global views of most of the chest agree with each other from the first step, which is
+            # what lets the teacher's targets, and so the student, settle on the image's content.
+            "global_scale": [0.7, 1.0],
+            "local_scale": [0.2, 0.5],
+            # No contrast or brightness jitter: intensities are already normalised per image (CT by a
+            # fixed HU window, radiographs by percentiles), and the level of the lungs against the rest
+            # is what shows emphysema, effusion and consolidation (in short runs, jitter lowered the
+            # radiograph probes).
+            "contrast": [1.0, 1.0],
+            "brightness": [0.0, 0.0],
+            "blur_probability": 0.3,
+            "blur_sigma_mm": [1.0, 6.0],
+        },
+        "ssl": {
+            "num_prototypes": 64,
+            "head_hidden_dim": 512,
+            "head_bottleneck_dim": 128,
+            "head_batch_norm": True,
+            "normalisation": "sinkhorn",
+            # Sharp targets from the first step: a short run cannot wait for a warm-up out of the
+            # near-uniform targets that a warmer teacher gives on an untrained encoder.
+            "teacher_temperature": [0.02, 0.02],
+            "teacher_temperature_warmup_steps": settings.steps // 3,
+            "momentum": [0.97, 1.0],
+        },
+        "optim": {
+            "steps": settings.steps,
+            "lr": settings.lr,
+            "min_lr": settings.lr / 100,
+            "warmup_steps": max(1, settings.steps // 10),
+            "freeze_last_layer_steps": max(1, settings.steps // 20),
+        },
+        "run": {
+            "out_dir": str(out_dir),
+            "seed": settings.seed,
+            "device": "cpu",
+            "log_every": 5,
+            "checkpoint_every": max(1, settings.steps // 2),
+            "keep_checkpoints": 1,
+            "num_threads": settings.threads,
+        },
+    }
+    return PretrainConfig.from_dict(apply_overrides(recipe, settings.overrides))
 
 
 def initial_encoder(config: PretrainConfig) -> Encoder:
@@ -273,11 +276,12 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
+    # The config first: a bad override fails before minutes of phantom writing.
+    config = demo_config(settings, out_dir / "phantoms" / MANIFEST_NAME, out_dir / "pretrain")
     phantom_settings = PhantomSettings(ct_spacing=(settings.ct_spacing,) * 3, xray_spacing=settings.xray_spacing)
     manifest = write_phantom_dataset(out_dir / "phantoms", settings.num_phantoms, settings.seed, phantom_settings, progress)
     timings["phantoms_s"] = time.perf_counter() - started
 
-    config = demo_config(settings, manifest, out_dir / "pretrain")
     mark = time.perf_counter()
     random_encoder = initial_encoder(config)
     trainer = Trainer(config, dataset=build_pretraining_sources(config.data))

@@ -28,6 +28,10 @@ def test_bad_input_exits_with_status_2_and_names_it(tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["phantom", "--out", str(tmp_path), "--count", "0"])
+    # The demo checks its overrides before it writes any phantom.
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "ssl.temperature=0.1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "phantoms").exists()
 
 
 def test_phantom_subcommand_writes_a_manifest(tmp_path):

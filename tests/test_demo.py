@@ -1,8 +1,10 @@
 """The demo: a tiny run end to end, and the random-init baseline being the pretraining run's start."""
 
+import dataclasses
 import json
 import math
 
+import pytest
 import torch
 
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
@@ -40,3 +42,16 @@ def test_demo_writes_both_encoders_results_per_modality(tmp_path):
         assert len(difference["interval"]) == 2 and difference["confidence"] == 0.95
     assert (tmp_path / "demo_auroc.png").stat().st_size > 0
     assert "macro AUROC" in (tmp_path / "demo_results.md").read_text()
+
+
+def test_overrides_change_the_recipe_and_the_baseline_follows_run_seed(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    base = demo_config(TINY, manifest, tmp_path / "run")
+    varied = demo_config(
+        dataclasses.replace(TINY, overrides=("run.seed=3", "ssl.teacher_temperature=[0.04, 0.05]")), manifest, tmp_path / "run"
+    )
+    assert varied.run.seed == 3 and tuple(varied.ssl.teacher_temperature) == (0.04, 0.05)
+    assert base.run.seed == TINY.seed and base.augment == varied.augment
+    assert not torch.equal(initial_encoder(base).state_dict()["cls_token"], initial_encoder(varied).state_dict()["cls_token"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        demo_config(dataclasses.replace(TINY, overrides=("run.seed",)), manifest, tmp_path / "run")
