@@ -38,6 +38,16 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
                     ref_name, " (", ref.device(), "), got ", t.device());
 }
 
+// An operand that must match q: a (T, H, D) tensor of q's shape, dtype and device.
+inline void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
+  check_token_head_tensor(t, op, name);
+  TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q ", q.sizes(),
+                    ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
+                   q.scalar_type(), ", got ", t.scalar_type());
+  check_same_device(t, q, op, name, "q");
+}
+
 inline void check_rope3d_args(const at::Tensor& x, const at::Tensor& coords, const at::Tensor& freqs,
                               at::IntArrayRef sections) {
   constexpr const char* op = "rope3d";
@@ -75,18 +85,8 @@ inline void check_packed_attention_args(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
                                         const char* op) {
   check_token_head_tensor(q, op, "q");
-  check_token_head_tensor(k, op, "k");
-  check_token_head_tensor(v, op, "v");
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), op, ": k must have the shape of q ", q.sizes(), ", got ",
-                    k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == q.sizes(), op, ": v must have the shape of q ", q.sizes(), ", got ",
-                    v.sizes());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op, ": k must have q's dtype ",
-                   q.scalar_type(), ", got ", k.scalar_type());
-  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), op, ": v must have q's dtype ",
-                   q.scalar_type(), ", got ", v.scalar_type());
-  check_same_device(k, q, op, "k", "q");
-  check_same_device(v, q, op, "v", "q");
+  check_like_q(k, q, op, "k");
+  check_like_q(v, q, op, "v");
   const int64_t head_dim = q.size(2);
   TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 256, op, ": head_dim must be between 1 and 256, got ",
                     head_dim);
@@ -122,18 +122,8 @@ inline void check_cu_seqlens_values(const int32_t* cu, int64_t batch, int64_t nu
 // The extra operands of packed_attention_bwd: dout and out like q, lse float32 (heads, tokens).
 inline void check_backward_operands(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
                                     const at::Tensor& lse, const char* op) {
-  check_token_head_tensor(dout, op, "dout");
-  check_token_head_tensor(out, op, "out");
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), op, ": dout must have the shape of q ", q.sizes(), ", got ",
-                    dout.sizes());
-  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), op, ": out must have the shape of q ", q.sizes(), ", got ",
-                    out.sizes());
-  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), op, ": dout must have q's dtype ", q.scalar_type(),
-                   ", got ", dout.scalar_type());
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), op, ": out must have q's dtype ", q.scalar_type(),
-                   ", got ", out.scalar_type());
-  check_same_device(dout, q, op, "dout", "q");
-  check_same_device(out, q, op, "out", "q");
+  check_like_q(dout, q, op, "dout");
+  check_like_q(out, q, op, "out");
   check_same_device(lse, q, op, "lse", "q");
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), op,
