@@ -99,7 +99,7 @@ def check_against_reference(q, k, v, lengths, scale, seed, deterministic=False):
     out, grads = gradients(q, k, v, cu_seqlens.cuda(), grad_out, scale, deterministic)
     cpu = [t.detach().cpu() for t in (q, k, v)]
     expected_out, _ = reference_float64(*cpu, cu_seqlens, scale)
-    expected_grads = reference_gradients_float64(grad_out.cpu(), *cpu, cu_seqlens, scale)
+    expected_grads = reference_gradients_float64(grad_out.cpu(), *cpu, cu_seqlens, scale, out.detach().cpu())
     tolerance = TOLERANCES[q.dtype]
     assert out.dtype == q.dtype and out.is_cuda
     assert_matches(out.cpu(), expected_out, tolerance.forward, "out")

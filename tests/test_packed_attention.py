@@ -27,12 +27,27 @@ def reference_float64(q, k, v, cu_seqlens, scale):
     return reference.packed_attention_fwd(q, k, v, cu_seqlens, scale)
 
 
-def reference_gradients_float64(grad_out, q, k, v, cu_seqlens, scale=None):
-    """(dq, dk, dv) of the reference in float64; those of an empty batch are empty."""
+def reference_gradients_float64(grad_out, q, k, v, cu_seqlens, scale=None, out=None):
+    """(dq, dk, dv) of the reference in float64; those of an empty batch are empty.
+
+    ``out`` is the op's own (rounded) output. The backward reads it, as FlashAttention's does, for
+    ``D_i = sum_d dout_id * out_id``, so its rounding is an input of the backward like that of q, k and
+    v: given ``out``, the reference takes D from it too. A shift ``delta_i`` of D changes the score
+    gradient by ``-P_ij * delta_i``, which is the gradient of ``-sum_i delta_i * lse_i``.
+    """
     q, k, v = (t.detach().double() for t in (q, k, v))
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return reference.packed_attention_bwd(grad_out.double(), q, k, v, cu_seqlens, scale)
+    grad_out = grad_out.double()
+    with torch.enable_grad():
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        exact, lse = reference.packed_attention_fwd(*leaves, cu_seqlens, scale)
+        objective = (exact * grad_out).sum()
+        if out is not None:
+            delta = ((out.detach().double() - exact.detach()) * grad_out).sum(-1)  # (T, H)
+            objective = objective - (delta.T * lse.double()).sum()
+        grads = torch.autograd.grad(objective, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
 
 
 def forward(q, k, v, cu_seqlens, max_seqlen=-1, scale=None):
@@ -72,7 +87,7 @@ def test_public_op_matches_float64_reference_with_gradients(problem, seed):
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
     expected_out, _ = reference_float64(q, k, v, cu_seqlens, scale)
-    expected_grads = reference_gradients_float64(grad_out, q, k, v, cu_seqlens, scale)
+    expected_grads = reference_gradients_float64(grad_out, q, k, v, cu_seqlens, scale, out)
     tolerance = TOLERANCES[q.dtype]
     assert_matches(out, expected_out, tolerance.forward, "out")
     for name, grad, expected in zip(("dq", "dk", "dv"), grads, expected_grads):
@@ -217,7 +232,7 @@ def test_mixed_xray_and_ct_batch(dtype):
     out = packed_attention(q, k, v, cu_seqlens, max_seqlen=520)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     expected_out, _ = reference_float64(q, k, v, cu_seqlens, None)
-    expected_grads = reference_gradients_float64(grad_out, q, k, v, cu_seqlens)
+    expected_grads = reference_gradients_float64(grad_out, q, k, v, cu_seqlens, out=out)
     assert_matches(out, expected_out, TOLERANCES[dtype].forward, "out")
     for name, grad, expected in zip(("dq", "dk", "dv"), grads, expected_grads):
         assert_matches(grad, expected, TOLERANCES[dtype].backward, name)
