@@ -63,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="phantoms -> pretraining -> linear probes, pretrained vs random init")
     demo.add_argument("--out", default="mmv-demo", help="output directory (default: mmv-demo)")
-    demo.add_argument("--phantoms", type=_positive_int, help="number of phantoms")
-    demo.add_argument("--steps", type=_positive_int, help="pretraining steps")
-    demo.add_argument("--seed", type=int)
-    demo.add_argument("--threads", type=_positive_int, help="torch threads")
+    from mmv.demo import DemoSettings
+
+    defaults = DemoSettings()
+    demo.add_argument("--phantoms", type=_positive_int, help=f"number of phantoms (default: {defaults.num_phantoms})")
+    demo.add_argument("--steps", type=_positive_int, help=f"pretraining steps (default: {defaults.steps})")
+    demo.add_argument("--seed", type=int, help=f"seed of the phantoms, initialisation and probes (default: {defaults.seed})")
+    demo.add_argument("--threads", type=_positive_int, help=f"torch threads (default: {defaults.threads})")
     demo.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one value of the pretraining config (TOML syntax), e.g. --set run.seed=1; repeatable",

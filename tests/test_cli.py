@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -46,3 +47,16 @@ def test_module_entry_point_lists_the_subcommands():
     assert completed.returncode == 0
     for command in ("pretrain", "phantom", "demo", "probe", "analyze"):
         assert command in completed.stdout
+
+
+def test_demo_help_states_the_defaults_it_runs_with():
+    from mmv.demo import DemoSettings
+
+    defaults = DemoSettings()
+    demo = next(
+        action.choices["demo"] for action in build_parser()._actions if getattr(action, "choices", None) and "demo" in action.choices
+    )
+    text = " ".join(demo.format_help().split())
+    for flag, value in (("--phantoms", defaults.num_phantoms), ("--steps", defaults.steps), ("--threads", defaults.threads)):
+        assert re.search(rf"{flag} [A-Z]+ [^-]*\(default: {value}\)", text), flag
+    assert demo.parse_args([]).phantoms is None  # unset flags leave the choice to DemoSettings
