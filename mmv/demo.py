@@ -64,7 +64,7 @@ class DemoSettings:
             variants of the recipe on the same phantoms. ``run.seed`` also seeds the random-init baseline.
     """
 
-    num_phantoms: int = 600
+    num_phantoms: int = 1000
     seed: int = 0
     steps: int = 200
     max_tokens: int = 2000
