@@ -203,6 +203,9 @@ def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: i
         "macro_auroc": float(evaluation.macro_auroc),
         "macro_auroc_interval": [float(v) for v in evaluation.interval.macro],
         "per_finding": {name: float(value) for name, value in zip(PHANTOM_FINDINGS, evaluation.auroc)},
+        "per_finding_interval": {
+            name: [float(v) for v in interval] for name, interval in zip(PHANTOM_FINDINGS, evaluation.interval.per_label)
+        },
         "test_rows": int(rows["test"].size),
     }
     return figures, evaluation
@@ -220,11 +223,17 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
     for axis, modality in zip(axes, MODALITIES):
         for offset, encoder in ((-0.2, "ssl"), (0.2, "random")):
             detail = results["detail"][modality][encoder]
-            values = [detail["per_finding"][n] for n in PHANTOM_FINDINGS] + [detail["macro_auroc"]]
-            axis.bar(positions + offset, values, width=0.4, label="pretrained" if encoder == "ssl" else "random init")
+            values = np.array([detail["per_finding"][n] for n in PHANTOM_FINDINGS] + [detail["macro_auroc"]])
+            intervals = np.array([detail["per_finding_interval"][n] for n in PHANTOM_FINDINGS] + [detail["macro_auroc_interval"]])
+            # Whiskers: the 95 % bootstrap interval over the test phantoms.
+            whiskers = np.clip(np.stack((values - intervals[:, 0], intervals[:, 1] - values)), 0.0, None)
+            axis.bar(
+                positions + offset, values, width=0.4, yerr=whiskers, capsize=3,
+                label="pretrained" if encoder == "ssl" else "random init",
+            )
         axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
         axis.set_xticks(positions, names, rotation=30, ha="right")
-        axis.set_title(f"{modality}: linear probe AUROC (test split)")
+        axis.set_title(f"{modality}: linear probe AUROC, test split (95 % CI)")
         axis.set_ylim(0.3, 1.0)
         axis.legend(loc="lower right")
     figure.tight_layout()

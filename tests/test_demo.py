@@ -33,7 +33,9 @@ def test_demo_writes_both_encoders_results_per_modality(tmp_path):
         assert set(written[modality]) == {"ssl", "random"}
         for encoder in ("ssl", "random"):
             detail = written["detail"][modality][encoder]
-            assert set(detail["per_finding"]) == set(PHANTOM_FINDINGS)
+            assert set(detail["per_finding"]) == set(detail["per_finding_interval"]) == set(PHANTOM_FINDINGS)
+            for low, high in detail["per_finding_interval"].values():
+                assert (math.isnan(low) and math.isnan(high)) or 0.0 <= low <= high <= 1.0
             low, high = detail["macro_auroc_interval"]
             macro = detail["macro_auroc"]
             assert math.isnan(macro) or (0.0 <= macro <= 1.0 and 0.0 <= low <= high <= 1.0)
