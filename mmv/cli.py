@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--ct-spacing", type=_positive_float, default=4.0, help="CT voxel size in mm")
     phantom.add_argument("--xray-spacing", type=_positive_float, default=2.0, help="radiograph pixel size in mm")
+    phantom.add_argument(
+        "--workers", type=_positive_int, default=os.cpu_count() or 1,
+        help="processes writing phantoms in parallel; the data set is the same for any number (default: the cores)",
+    )
 
     demo = commands.add_parser("demo", help="phantoms -> pretraining -> linear probes, pretrained vs random init")
     demo.add_argument("--out", default="mmv-demo", help="output directory (default: mmv-demo)")
@@ -122,7 +127,7 @@ def _phantom(args: argparse.Namespace) -> int:
     from mmv.data.phantom import PhantomSettings, write_phantom_dataset
 
     settings = PhantomSettings(ct_spacing=(args.ct_spacing,) * 3, xray_spacing=args.xray_spacing)
-    manifest = write_phantom_dataset(args.out, args.count, args.seed, settings)
+    manifest = write_phantom_dataset(args.out, args.count, args.seed, settings, workers=args.workers)
     print(f"manifest written to {manifest}")
     return 0
 

@@ -97,6 +97,8 @@ def test_bad_arguments_are_refused():
         PhantomSettings(prevalence=1.5)
     with pytest.raises(ValueError, match="count"):
         write_phantom_dataset("unused", count=0)
+    with pytest.raises(ValueError, match="workers"):
+        write_phantom_dataset("unused", count=2, workers=0)
 
 
 def test_written_dataset_reads_back_with_its_labels(tmp_path):
@@ -119,6 +121,16 @@ def test_written_dataset_reads_back_with_its_labels(tmp_path):
     before = manifest.stat().st_mtime_ns
     assert write_phantom_dataset(tmp_path, count=3, seed=2, settings=COARSE, progress=False) == manifest
     assert manifest.stat().st_mtime_ns == before
+
+
+def test_parallel_workers_write_the_same_data_set(tmp_path):
+    serial = write_phantom_dataset(tmp_path / "serial", count=5, seed=3, settings=COARSE, progress=False)
+    parallel = write_phantom_dataset(tmp_path / "parallel", count=5, seed=3, settings=COARSE, progress=False, workers=2)
+    assert serial.read_text() == parallel.read_text()
+    one, other = phantom_manifest(serial), phantom_manifest(parallel)
+    for index in range(len(one)):
+        assert torch.equal(one[index].image.pixels, other[index].image.pixels)
+        assert one[index].image.spacing == other[index].image.spacing
 
 
 def test_standing_pleural_fluid_keeps_its_volume_and_settles_at_the_base_with_a_meniscus():

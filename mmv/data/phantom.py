@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -546,6 +549,7 @@ def write_phantom_dataset(
     seed: int = 0,
     settings: PhantomSettings | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Write ``count`` phantoms as CT (NIfTI) and radiograph (16-bit PNG) files with a manifest CSV.
 
@@ -555,11 +559,18 @@ def write_phantom_dataset(
     same data set (same count, seed and settings, per ``phantoms.json``) is left as it is; otherwise
     files of the same names are overwritten.
 
+    ``workers`` processes generate and write the phantoms in parallel. Each phantom depends only on the
+    seed and its number, so the data set is the same for any number of workers. The processes are
+    spawned, so a script that asks for more than one must start from an ``if __name__ == "__main__":``
+    guard, as with any spawned multiprocessing.
+
     Returns:
         The manifest's path.
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"write_phantom_dataset: count must be a positive int, got {count!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"write_phantom_dataset: workers must be a positive int, got {workers!r}")
     settings = settings or PhantomSettings()
     out_dir = Path(out_dir)
     description = json.dumps({"count": count, "seed": seed, "settings": dataclasses.asdict(settings)}, sort_keys=True)
@@ -569,18 +580,15 @@ def write_phantom_dataset(
         return manifest
     (out_dir / "ct").mkdir(parents=True, exist_ok=True)
     (out_dir / "xray").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index in tqdm(range(count), desc="phantoms", disable=not progress):
-        phantom = generate_phantom(index, seed, settings)
-        name = f"phantom_{index:05d}"
-        split = _split_of(np.random.default_rng([seed, index, 2]), settings.split_fractions)
-        labels = [int(phantom.findings[finding]) for finding in PHANTOM_FINDINGS]
-        ct_path = Path("ct") / f"{name}.nii.gz"
-        xray_path = Path("xray") / f"{name}.png"
-        _write_ct(out_dir / ct_path, phantom)
-        _write_xray(out_dir / xray_path, *radiograph(phantom, settings.xray_spacing, seed))
-        rows.append([ct_path.as_posix(), CT_MODALITY, f"{name}_ct", name, split, *labels])
-        rows.append([xray_path.as_posix(), XRAY_MODALITY, f"{name}_xray", name, split, *labels])
+    write_one = functools.partial(_write_phantom_files, out_dir, seed=seed, settings=settings)
+    bar = functools.partial(tqdm, total=count, desc="phantoms", disable=not progress)
+    if workers == 1:
+        pairs = list(bar(map(write_one, range(count))))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, count), mp_context=context, initializer=_one_torch_thread) as pool:
+            pairs = list(bar(pool.map(write_one, range(count), chunksize=4)))
+    rows = [row for pair in pairs for row in pair]
     temporary = manifest.with_name(manifest.name + ".tmp")
     with open(temporary, "w", newline="") as stream:
         writer = csv.writer(stream)
@@ -589,6 +597,27 @@ def write_phantom_dataset(
     os.replace(temporary, manifest)
     description_path.write_text(description, encoding="utf-8")
     return manifest
+
+
+def _write_phantom_files(out_dir: Path, index: int, seed: int, settings: PhantomSettings) -> list[list]:
+    """Generate phantom ``index`` and write its CT and radiograph; returns their two manifest rows."""
+    phantom = generate_phantom(index, seed, settings)
+    name = f"phantom_{index:05d}"
+    split = _split_of(np.random.default_rng([seed, index, 2]), settings.split_fractions)
+    labels = [int(phantom.findings[finding]) for finding in PHANTOM_FINDINGS]
+    ct_path = Path("ct") / f"{name}.nii.gz"
+    xray_path = Path("xray") / f"{name}.png"
+    _write_ct(out_dir / ct_path, phantom)
+    _write_xray(out_dir / xray_path, *radiograph(phantom, settings.xray_spacing, seed))
+    return [
+        [ct_path.as_posix(), CT_MODALITY, f"{name}_ct", name, split, *labels],
+        [xray_path.as_posix(), XRAY_MODALITY, f"{name}_xray", name, split, *labels],
+    ]
+
+
+def _one_torch_thread() -> None:
+    # Parallel workers each take one core; torch's own threads would only oversubscribe them.
+    torch.set_num_threads(1)
 
 
 def phantom_manifest(manifest: str | os.PathLike, transform=None, cache=None, on_error: str = "raise"):
