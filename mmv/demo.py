@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -155,17 +156,34 @@ def initial_encoder(config: PretrainConfig) -> Encoder:
 
 
 @torch.no_grad()
-def extract_features(encoder: Encoder, dataset, max_tokens: int = 4096, progress: bool = True) -> tuple[np.ndarray, list[int]]:
-    """``(N, 2C)`` float32 features (CLS token, mean patch token) of the readable samples of ``dataset``,
-    and the indices of those samples; images are packed up to ``max_tokens`` tokens per forward pass."""
-    encoder.eval()
-    features, indices, pending, pending_tokens = [], [], [], 0
+def extract_features(
+    encoders: Mapping[str, Encoder], dataset, max_tokens: int = 4096, progress: bool = True
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """``(N, 2C)`` float32 features (CLS token, mean patch token) of the readable samples of ``dataset``
+    under each of ``encoders`` (by name), and the indices of those samples.
+
+    Every sample is read once for all encoders (reading and preprocessing cost far more than encoding),
+    so the encoders must cut images alike: they must share one patch size. Images are packed up to
+    ``max_tokens`` tokens per forward pass, the same packs for every encoder.
+    """
+    if not encoders:
+        raise ValueError("extract_features: encoders must name at least one encoder")
+    patch_sizes = {name: tuple(encoder.config.patch_size) for name, encoder in encoders.items()}
+    if len(set(patch_sizes.values())) > 1:
+        raise ValueError(f"extract_features: encoders must share one patch size, got {patch_sizes}")
+    for encoder in encoders.values():
+        encoder.eval()
+    tokenizer = next(iter(encoders.values())).tokenizer
+    features = {name: [] for name in encoders}
+    indices, pending, pending_tokens = [], [], 0
 
     def flush() -> None:
         nonlocal pending, pending_tokens
         if pending:
-            out = encoder(pack([item for _, item in pending]))
-            features.append(torch.cat((out.cls, out.pooled), dim=1).float().numpy())
+            batch = pack([item for _, item in pending])
+            for name, encoder in encoders.items():
+                out = encoder(batch)
+                features[name].append(torch.cat((out.cls, out.pooled), dim=1).float().numpy())
             indices.extend(index for index, _ in pending)
         pending, pending_tokens = [], 0
 
@@ -173,13 +191,13 @@ def extract_features(encoder: Encoder, dataset, max_tokens: int = 4096, progress
         sample = dataset[index]
         if sample is None:
             continue
-        item = encoder.tokenizer(sample.image)
+        item = tokenizer(sample.image)
         if pending_tokens + item.num_tokens > max_tokens:
             flush()
         pending.append((index, item))
         pending_tokens += item.num_tokens
     flush()
-    return np.concatenate(features), indices
+    return {name: np.concatenate(chunks) for name, chunks in features.items()}, indices
 
 
 def _split_rows(manifest: Path) -> dict[str, str]:
@@ -276,7 +294,11 @@ def _free_cores() -> int:
 
 
 def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the whole demo into ``out_dir`` and return its results (also written as JSON, markdown, PNG)."""
+    """Run the whole demo into ``out_dir`` and return its results (also written as JSON, markdown, PNG).
+
+    The phantoms are written by one spawned process per core (:func:`mmv.data.phantom.write_phantom_dataset`),
+    so a script that calls this must start from an ``if __name__ == "__main__":`` guard.
+    """
     settings = settings or DemoSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +310,10 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     # The config first: a bad override fails before minutes of phantom writing.
     config = demo_config(settings, out_dir / "phantoms" / MANIFEST_NAME, out_dir / "pretrain")
     phantom_settings = PhantomSettings(ct_spacing=(settings.ct_spacing,) * 3, xray_spacing=settings.xray_spacing)
-    manifest = write_phantom_dataset(out_dir / "phantoms", settings.num_phantoms, settings.seed, phantom_settings, progress)
+    # Phantoms are the same for any number of writing processes: they use every core.
+    manifest = write_phantom_dataset(
+        out_dir / "phantoms", settings.num_phantoms, settings.seed, phantom_settings, progress, workers=os.cpu_count() or 1
+    )
     timings["phantoms_s"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -304,17 +329,17 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     split_of = _split_rows(manifest)
     detail: dict[str, dict[str, Any]] = {}
     difference: dict[str, dict[str, Any]] = {}
-    encoded = {name: extract_features(encoder, dataset, progress=progress) for name, encoder in (("ssl", pretrained_encoder), ("random", random_encoder))}
+    features, indices = extract_features({"ssl": pretrained_encoder, "random": random_encoder}, dataset, progress=progress)
     timings["features_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
+    records = [dataset.records[i] for i in indices]
     for modality, tag in MODALITIES.items():
         detail[modality], evaluations = {}, {}
-        for name, (features, indices) in encoded.items():
-            records = [dataset.records[i] for i in indices]
-            rows = np.array([record.modality == tag for record in records])
-            labels = np.array([record.labels for record in records], dtype=np.float64)[rows]
-            splits = np.array([split_of[record.id] for record in records], dtype=object)[rows]
-            detail[modality][name], evaluations[name] = _probe(features[rows], labels, splits, settings.seed)
+        rows = np.array([record.modality == tag for record in records])
+        labels = np.array([record.labels for record in records], dtype=np.float64)[rows]
+        splits = np.array([split_of[record.id] for record in records], dtype=object)[rows]
+        for name, encoder_features in features.items():
+            detail[modality][name], evaluations[name] = _probe(encoder_features[rows], labels, splits, settings.seed)
         difference[modality] = paired_macro_auroc_difference(
             evaluations["ssl"], evaluations["random"], settings.seed, num_resamples=_BOOTSTRAP_RESAMPLES
         )

@@ -4,12 +4,15 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
-from mmv.demo import DemoSettings, demo_config, initial_encoder, run_demo
-from mmv.pretrain_data import build_pretraining_sources
+from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
+from mmv.demo import DemoSettings, demo_config, extract_features, initial_encoder, run_demo
+from mmv.model.encoder import Encoder
+from mmv.packing import pack
+from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
 from mmv.train import Trainer
 
 TINY = DemoSettings(num_phantoms=16, steps=2, max_tokens=800, ct_spacing=10.0, xray_spacing=5.0, threads=1)
@@ -57,3 +60,35 @@ def test_overrides_change_the_recipe_and_the_baseline_follows_run_seed(tmp_path)
     assert not torch.equal(initial_encoder(base).state_dict()["cls_token"], initial_encoder(varied).state_dict()["cls_token"])
     with pytest.raises(ValueError, match="section.key=value"):
         demo_config(dataclasses.replace(TINY, overrides=("run.seed",)), manifest, tmp_path / "run")
+
+
+def test_features_read_each_image_once_for_all_encoders_and_match_encoding_it_alone(tmp_path):
+    settings = PhantomSettings(ct_spacing=(TINY.ct_spacing,) * 3, xray_spacing=TINY.xray_spacing)
+    manifest = write_phantom_dataset(tmp_path / "phantoms", 3, 0, settings, progress=False)
+    config = demo_config(TINY, manifest, tmp_path / "run")
+    dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
+    encoders = {"first": initial_encoder(config), "second": Encoder(config.model.encoder_config())}
+    reads = []
+
+    class CountingReads:
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return dataset[index]
+
+    # A small token budget packs several forward passes, each of several images of both kinds.
+    features, indices = extract_features(encoders, CountingReads(), max_tokens=200, progress=False)
+    assert reads == indices == list(range(len(dataset)))
+    with torch.no_grad():
+        for name, encoder in encoders.items():
+            assert features[name].shape == (len(dataset), 2 * encoder.config.embed_dim)
+            for index in indices:
+                out = encoder(pack([encoder.tokenizer(dataset[index].image)]))
+                alone = torch.cat((out.cls, out.pooled), dim=1)[0].numpy()
+                np.testing.assert_allclose(features[name][index], alone, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(features["first"], features["second"])
+    coarse = Encoder(dataclasses.replace(config.model.encoder_config(), patch_size=(8, 8, 8)))
+    with pytest.raises(ValueError, match="patch size"):
+        extract_features({"fine": encoders["first"], "coarse": coarse}, dataset, progress=False)
