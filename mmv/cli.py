@@ -3,7 +3,7 @@
 ``mmv pretrain --config run.toml [--set section.key=value ...] [--resume]``
     self-supervised pretraining (see :mod:`mmv.train` and :mod:`mmv.train_config`); under ``torchrun``
     it trains with DDP (``torchrun --nproc_per_node 2 -m mmv.cli pretrain ...``).
-``mmv phantom --out DIR [--count N] [--seed S]``
+``mmv phantom --out DIR [--count N] [--seed S] [--workers N]``
     writes a phantom data set (:mod:`mmv.data.phantom`).
 ``mmv demo [--out DIR] [--set section.key=value ...]``
     phantoms -> pretraining -> linear probes, pretrained against random initialisation (:mod:`mmv.demo`).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -62,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--ct-spacing", type=_positive_float, default=4.0, help="CT voxel size in mm")
     phantom.add_argument("--xray-spacing", type=_positive_float, default=2.0, help="radiograph pixel size in mm")
     phantom.add_argument(
-        "--workers", type=_positive_int, default=os.cpu_count() or 1,
-        help="processes writing phantoms in parallel; the data set is the same for any number (default: the cores)",
+        "--workers", type=_positive_int,
+        help="processes writing phantoms in parallel; the data set is the same for any number (default: one per core)",
     )
 
     demo = commands.add_parser("demo", help="phantoms -> pretraining -> linear probes, pretrained vs random init")

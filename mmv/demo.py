@@ -20,9 +20,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -312,7 +312,7 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     phantom_settings = PhantomSettings(ct_spacing=(settings.ct_spacing,) * 3, xray_spacing=settings.xray_spacing)
     # Phantoms are the same for any number of writing processes: they use every core.
     manifest = write_phantom_dataset(
-        out_dir / "phantoms", settings.num_phantoms, settings.seed, phantom_settings, progress, workers=os.cpu_count() or 1
+        out_dir / "phantoms", settings.num_phantoms, settings.seed, phantom_settings, progress, workers=None
     )
     timings["phantoms_s"] = time.perf_counter() - started
 

@@ -549,7 +549,7 @@ def write_phantom_dataset(
     seed: int = 0,
     settings: PhantomSettings | None = None,
     progress: bool = True,
-    workers: int = 1,
+    workers: int | None = 1,
 ) -> Path:
     """Write ``count`` phantoms as CT (NIfTI) and radiograph (16-bit PNG) files with a manifest CSV.
 
@@ -559,8 +559,9 @@ def write_phantom_dataset(
     same data set (same count, seed and settings, per ``phantoms.json``) is left as it is; otherwise
     files of the same names are overwritten.
 
-    ``workers`` processes generate and write the phantoms in parallel. Each phantom depends only on the
-    seed and its number, so the data set is the same for any number of workers. The processes are
+    ``workers`` processes generate and write the phantoms in parallel (None: one per core). Each phantom
+    depends only on the seed and its number, so the data set is the same for any number of workers. The
+    processes are
     spawned, so a script that asks for more than one must start from an ``if __name__ == "__main__":``
     guard, as with any spawned multiprocessing.
 
@@ -569,8 +570,10 @@ def write_phantom_dataset(
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"write_phantom_dataset: count must be a positive int, got {count!r}")
+    if workers is None:
+        workers = os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"write_phantom_dataset: workers must be a positive int, got {workers!r}")
+        raise ValueError(f"write_phantom_dataset: workers must be a positive int or None, got {workers!r}")
     settings = settings or PhantomSettings()
     out_dir = Path(out_dir)
     description = json.dumps({"count": count, "seed": seed, "settings": dataclasses.asdict(settings)}, sort_keys=True)
