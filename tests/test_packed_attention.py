@@ -28,26 +28,12 @@ def reference_float64(q, k, v, cu_seqlens, scale):
 
 
 def reference_gradients_float64(grad_out, q, k, v, cu_seqlens, scale=None, out=None):
-    """(dq, dk, dv) of the reference in float64; those of an empty batch are empty.
-
-    ``out`` is the op's own (rounded) output. The backward reads it, as FlashAttention's does, for
-    ``D_i = sum_d dout_id * out_id``, so its rounding is an input of the backward like that of q, k and
-    v: given ``out``, the reference takes D from it too. A shift ``delta_i`` of D changes the score
-    gradient by ``-P_ij * delta_i``, which is the gradient of ``-sum_i delta_i * lse_i``.
-    """
+    """(dq, dk, dv) of the reference in float64, with D taken from the op's own ``out`` when given (see
+    :func:`mmv.ops.reference.packed_attention_bwd`); those of an empty batch are empty."""
     q, k, v = (t.detach().double() for t in (q, k, v))
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    grad_out = grad_out.double()
-    with torch.enable_grad():
-        leaves = [t.requires_grad_(True) for t in (q, k, v)]
-        exact, lse = reference.packed_attention_fwd(*leaves, cu_seqlens, scale)
-        objective = (exact * grad_out).sum()
-        if out is not None:
-            delta = ((out.detach().double() - exact.detach()) * grad_out).sum(-1)  # (T, H)
-            objective = objective - (delta.T * lse.double()).sum()
-        grads = torch.autograd.grad(objective, leaves, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
+    return reference.packed_attention_bwd(grad_out.double(), q, k, v, cu_seqlens, scale, out)
 
 
 def forward(q, k, v, cu_seqlens, max_seqlen=-1, scale=None):

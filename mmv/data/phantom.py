@@ -561,9 +561,8 @@ def write_phantom_dataset(
 
     ``workers`` processes generate and write the phantoms in parallel (None: one per core). Each phantom
     depends only on the seed and its number, so the data set is the same for any number of workers. The
-    processes are
-    spawned, so a script that asks for more than one must start from an ``if __name__ == "__main__":``
-    guard, as with any spawned multiprocessing.
+    processes are spawned, so a script that asks for more than one must start from an
+    ``if __name__ == "__main__":`` guard, as with any spawned multiprocessing.
 
     Returns:
         The manifest's path.

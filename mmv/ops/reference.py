@@ -96,12 +96,24 @@ def packed_attention_bwd(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of ``packed_attention`` by autograd through the reference forward."""
+    """Gradients (dq, dk, dv) of ``packed_attention`` by autograd through the reference forward.
+
+    ``out``, when given, is the forward's output as the kernels saved it (rounded to the op's dtype). Their
+    backward reads it, as FlashAttention's does, for ``D_i = sum_d dout_id * out_id``, so its rounding is
+    an input of the backward like that of q, k and v; given ``out``, D is taken from it here too. A shift
+    ``delta_i`` of D changes the score gradient by ``-P_ij * delta_i``, which is the gradient of
+    ``-sum_i delta_i * lse_i``.
+    """
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out, _ = packed_attention_fwd(*leaves, cu_seqlens, scale)
-        grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+        exact, lse = packed_attention_fwd(*leaves, cu_seqlens, scale)
+        objective = (exact * dout.to(exact.dtype)).sum()
+        if out is not None:
+            delta = ((out.detach().to(exact.dtype) - exact.detach()) * dout.to(exact.dtype)).sum(-1)  # (T, H)
+            objective = objective - (delta.T * lse.to(exact.dtype)).sum()
+        grads = torch.autograd.grad(objective, leaves, allow_unused=True)
     return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))
 
 
