@@ -31,8 +31,6 @@ def reference_gradients_float64(grad_out, q, k, v, cu_seqlens, scale=None, out=N
     """(dq, dk, dv) of the reference in float64, with D taken from the op's own ``out`` when given (see
     :func:`mmv.ops.reference.packed_attention_bwd`); those of an empty batch are empty."""
     q, k, v = (t.detach().double() for t in (q, k, v))
-    if q.shape[0] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return reference.packed_attention_bwd(grad_out.double(), q, k, v, cu_seqlens, scale, out)
 
 
