@@ -21,6 +21,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <math_constants.h>
@@ -579,7 +580,7 @@ bool try_backward_mma(BackwardParams p, const at::Tensor& dout, const at::Tensor
   using DqShape = DqMmaShape<Element, kHeadDim>;
   const void* kernel = reinterpret_cast<const void*>(backward_mma_kernel<Element, kHeadDim>);
   const void* dq_kernel = reinterpret_cast<const void*>(backward_dq_mma_kernel<Element, kHeadDim>);
-  const int device = q.get_device();
+  const int device = c10::cuda::current_device();  // q's, set by the CUDAGuard of the op
   const DeviceLimits limits = device_limits(device);
   const int needed_shared = std::max(Shape::kSharedBytes, DqShape::kSharedBytes);
   if (limits.compute_major < 8 || limits.shared_memory_per_block_optin < needed_shared) return false;
@@ -602,8 +603,8 @@ bool try_backward_mma(BackwardParams p, const at::Tensor& dout, const at::Tensor
   p.dsum = dsum.data_ptr<float>();
   p.lse_work = lse_log2.data_ptr<float>();
   const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.num_heads;
-  backward_preprocess_kernel<Element, false>
-      <<<static_cast<unsigned>((rows * 32 + kRowThreads - 1) / kRowThreads), kRowThreads, 0, stream>>>(p, kLog2e);
+  MMV_LAUNCH(static_cast<unsigned>((rows * 32 + kRowThreads - 1) / kRowThreads), kRowThreads, 0, stream,
+             backward_preprocess_kernel<Element, false>)(p, kLog2e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor dq_accum;
@@ -616,8 +617,8 @@ bool try_backward_mma(BackwardParams p, const at::Tensor& dout, const at::Tensor
   const int64_t blocks = std::max<int64_t>(
       1, std::min<int64_t>(int64_t{limits.multiprocessors} * fit.blocks_per_multiprocessor,
                            max_tiles(p.num_tokens, p.batch, p.num_heads, Shape::kBlockN)));
-  backward_mma_kernel<Element, kHeadDim>
-      <<<static_cast<unsigned>(blocks), Shape::kThreads, Shape::kSharedBytes, stream>>>(p, !deterministic);
+  MMV_LAUNCH(static_cast<unsigned>(blocks), Shape::kThreads, Shape::kSharedBytes, stream,
+             backward_mma_kernel<Element, kHeadDim>)(p, !deterministic);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (deterministic) {
@@ -627,13 +628,13 @@ bool try_backward_mma(BackwardParams p, const at::Tensor& dout, const at::Tensor
     const int64_t dq_blocks = std::max<int64_t>(
         1, std::min<int64_t>(int64_t{limits.multiprocessors} * dq_fit.blocks_per_multiprocessor,
                              max_tiles(p.num_tokens, p.batch, p.num_heads, DqShape::kBlockM)));
-    backward_dq_mma_kernel<Element, kHeadDim>
-        <<<static_cast<unsigned>(dq_blocks), DqShape::kThreads, DqShape::kSharedBytes, stream>>>(p);
+    MMV_LAUNCH(static_cast<unsigned>(dq_blocks), DqShape::kThreads, DqShape::kSharedBytes, stream,
+               backward_dq_mma_kernel<Element, kHeadDim>)(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const int64_t quads = dq_accum.numel() / 4;
     const int64_t convert_blocks = std::min<int64_t>((quads + 255) / 256, int64_t{limits.multiprocessors} * 8);
-    dq_from_accumulator_kernel<Element><<<static_cast<unsigned>(convert_blocks), 256, 0, stream>>>(
+    MMV_LAUNCH(static_cast<unsigned>(convert_blocks), 256, 0, stream, dq_from_accumulator_kernel<Element>)(
         reinterpret_cast<const float4*>(dq_accum.data_ptr<float>()), reinterpret_cast<uint2*>(grads.dq.data_ptr()),
         quads, static_cast<float>(p.scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -745,10 +746,10 @@ void launch_backward_simt(BackwardParams p, const at::Tensor& q, cudaStream_t st
   const int64_t blocks = (2 * rows * 32 + kRowThreads - 1) / kRowThreads;
   TORCH_CHECK_VALUE(blocks <= 0x7fffffff, "packed_attention_bwd: too many (token, head) rows for one launch: ",
                     rows);
-  backward_preprocess_kernel<scalar_t, kRecomputeLse>
-      <<<static_cast<unsigned>((rows * 32 + kRowThreads - 1) / kRowThreads), kRowThreads, 0, stream>>>(p, 1.f);
+  MMV_LAUNCH(static_cast<unsigned>((rows * 32 + kRowThreads - 1) / kRowThreads), kRowThreads, 0, stream,
+             backward_preprocess_kernel<scalar_t, kRecomputeLse>)(p, 1.f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  backward_simt_kernel<scalar_t><<<static_cast<unsigned>(blocks), kRowThreads, 0, stream>>>(p);
+  MMV_LAUNCH(static_cast<unsigned>(blocks), kRowThreads, 0, stream, backward_simt_kernel<scalar_t>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <math_constants.h>
@@ -268,7 +269,7 @@ bool try_forward_mma(ForwardParams p, const at::Tensor& q, const at::Tensor& k, 
                      const at::Tensor& cu_seqlens, cudaStream_t stream) {
   using Shape = ForwardMmaShape<Element, kHeadDim>;
   const void* kernel = reinterpret_cast<const void*>(forward_mma_kernel<Element, kHeadDim>);
-  const int device = q.get_device();
+  const int device = c10::cuda::current_device();  // q's, set by the CUDAGuard of the op
   const DeviceLimits limits = device_limits(device);
   if (limits.compute_major < 8 || limits.shared_memory_per_block_optin < Shape::kSharedBytes) return false;
   const KernelFit fit = kernel_fit(kernel, Shape::kThreads, Shape::kSharedBytes, device);
@@ -286,8 +287,8 @@ bool try_forward_mma(ForwardParams p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t blocks = std::max<int64_t>(
       1, std::min<int64_t>(int64_t{limits.multiprocessors} * fit.blocks_per_multiprocessor,
                            max_tiles(p.num_tokens, p.batch, p.num_heads, Shape::kBlockM)));
-  forward_mma_kernel<Element, kHeadDim>
-      <<<static_cast<unsigned>(blocks), Shape::kThreads, Shape::kSharedBytes, stream>>>(p);
+  MMV_LAUNCH(static_cast<unsigned>(blocks), Shape::kThreads, Shape::kSharedBytes, stream,
+             forward_mma_kernel<Element, kHeadDim>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -379,7 +380,7 @@ void launch_forward_simt(const ForwardParams& p, cudaStream_t stream) {
   const int64_t blocks = (warps * 32 + kSimtThreads - 1) / kSimtThreads;
   TORCH_CHECK_VALUE(blocks <= 0x7fffffff, "packed_attention_fwd: too many (token, head) rows for one launch: ",
                     warps);
-  forward_simt_kernel<scalar_t><<<static_cast<unsigned>(blocks), kSimtThreads, 0, stream>>>(p);
+  MMV_LAUNCH(static_cast<unsigned>(blocks), kSimtThreads, 0, stream, forward_simt_kernel<scalar_t>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
