@@ -10,6 +10,7 @@ build/emulated; nothing of it is installed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -24,6 +25,7 @@ BUILD = ROOT / "build" / "emulated"
 TEST_KERNELS = (Path(__file__).resolve().parent / "cuda" / "planted_bugs.cu",)
 DEVICES = ("H100", "A100")
 OP_NAMES = ("rope3d", "packed_attention_fwd", "packed_attention_bwd")
+CPU_KERNEL_ONLY = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
 def supported() -> bool:
@@ -67,6 +69,7 @@ class EmulatedKernels(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self, device: str):
         super().__init__()
         self.device = device
+        self.calls = collections.Counter()  # emulated op name -> calls
         self.redirect = {
             getattr(torch.ops.mmv, name).default: getattr(torch.ops.mmv_emulated, name).default for name in OP_NAMES
         }
@@ -76,29 +79,33 @@ class EmulatedKernels(torch.utils._python_dispatch.TorchDispatchMode):
         emulated = self.redirect.get(func)
         if emulated is None:
             return func(*args, **kwargs)
+        self.calls[emulated.name()] += 1
         return run_guarded(emulated, *args, **kwargs)
 
 
 def run_guarded(op, *args, **kwargs):
-    """``op(*args, **kwargs)`` with tensor arguments copied into guarded memory and every tensor the
+    """``op(*args, **kwargs)`` (an OpOverload) on its CPU kernel, with tensor arguments copied into guarded memory and every tensor the
     op allocates placed there too."""
     guarded = [torch.ops.mmv_emulated.guarded_copy(a) if isinstance(a, torch.Tensor) and a.device.type == "cpu"
                else a for a in args]
     torch.ops.mmv_emulated.guard_allocations(True)
     try:
-        return op(*guarded, **kwargs)
+        # Straight to the CPU kernel, as a CUDA launch goes to the CUDA one whatever else is passed
+        # (the kernel's own checks name a tensor on another device).
+        return op.redispatch(CPU_KERNEL_ONLY, *guarded, **kwargs)
     finally:
         torch.ops.mmv_emulated.guard_allocations(False)
 
 
 @contextlib.contextmanager
 def emulated(device: str):
-    """mmv's ops on CPU tensors run the CUDA kernels, emulated on the modelled ``device``."""
+    """mmv's ops on CPU tensors run the CUDA kernels, emulated on the modelled ``device``; yields
+    the EmulatedKernels mode."""
     load()
     previous = torch.ops.mmv_emulated.device()
     torch.ops.mmv_emulated.set_device(device)
     try:
-        with EmulatedKernels(device):
-            yield
+        with EmulatedKernels(device) as mode:
+            yield mode
     finally:
         torch.ops.mmv_emulated.set_device(previous)

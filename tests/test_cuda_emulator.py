@@ -24,7 +24,7 @@ def emulator():
 
 def planted(name: str, plant: bool, x: torch.Tensor, bug: int = 1) -> torch.Tensor:
     """Runs planted-bug kernel `name` with x in guarded memory, as the emulated ops run."""
-    return emulated_cuda.run_guarded(torch.ops.mmv_emulated.planted_bug, name, plant, x, bug)
+    return emulated_cuda.run_guarded(torch.ops.mmv_emulated.planted_bug.default, name, plant, x, bug)
 
 
 def rows() -> torch.Tensor:
@@ -131,3 +131,20 @@ def test_launch_limits(device):
 def test_unknown_device_is_rejected():
     with pytest.raises(ValueError, match="name must be H100 or A100"):
         torch.ops.mmv_emulated.set_device("V100")
+
+
+def test_mmv_ops_run_the_emulated_kernels_within_the_mode():
+    from mmv.ops import packed_attention, rope3d, rope_freqs
+
+    q, k, v = (torch.randn(10, 2, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with emulated_cuda.emulated("A100") as mode:
+        assert torch.ops.mmv_emulated.device() == "A100"
+        out = packed_attention(q, k, v, cu_seqlens)
+        out.sum().backward()
+        rope3d(q.detach(), torch.zeros(10, 3), rope_freqs(64), (10, 10, 10))
+    assert mode.calls == {
+        "mmv_emulated::packed_attention_fwd": 1,
+        "mmv_emulated::packed_attention_bwd": 1,
+        "mmv_emulated::rope3d": 1,
+    }

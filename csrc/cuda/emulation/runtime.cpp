@@ -269,6 +269,9 @@ struct Launch {
   int at_barrier = 0;
   uint32_t epoch = 0;  // barriers passed by the block
   std::vector<Shadow> shadow;
+  // Per warp: lanes waiting at a collective, and lanes that have exited.
+  std::vector<int> warp_arrived;
+  std::vector<unsigned> warp_exited;
   void* scheduler_stack_pointer = nullptr;
   std::string error;
 };
@@ -370,38 +373,34 @@ void release_barrier(Launch& l) {
 
 void resolve_warp(Launch& l, int warp, unsigned mask);
 
-// Whether every lane of `mask` in the warp of t waits at t's collective; fails on a lane that never
-// will.
+std::string hex(unsigned v) {
+  std::ostringstream out;
+  out << "0x" << std::hex << v;
+  return out.str();
+}
+
+// Whether every lane of t's mask waits at t's collective (the warp's arrival count says when to
+// look); fails on a lane that never will.
 bool warp_complete(Launch& l, const Thread& t) {
-  const int warp0 = t.id / 32 * 32;
+  const int warp = t.id / 32;
+  const unsigned gone = t.mask & l.warp_exited[warp];
+  if (gone != 0) {
+    fail(t, std::string(op_name(t.op)) + ": lane " + std::to_string(__builtin_ctz(gone)) +
+                " of its mask has exited and never reaches it");
+  }
+  if (l.warp_arrived[warp] < __builtin_popcount(t.mask)) return false;
   for (int lane = 0; lane < 32; ++lane) {
     if (!(t.mask >> lane & 1u)) continue;
-    const int id = warp0 + lane;
+    const int id = warp * 32 + lane;
     if (id >= static_cast<int>(l.threads.size())) {
-      fail(t, std::string(op_name(t.op)) + " with mask 0x" + [&] {
-        std::ostringstream m;
-        m << std::hex << t.mask;
-        return m.str();
-      }() + " names lane " + std::to_string(lane) + ", which the block does not have");
+      fail(t, std::string(op_name(t.op)) + " with mask " + hex(t.mask) + " names lane " + std::to_string(lane) +
+                  ", which the block does not have");
     }
     const Thread& other = l.threads[id];
-    switch (other.state) {
-      case State::kReady:
-        return false;
-      case State::kExited:
-        fail(t, std::string(op_name(t.op)) + ": lane " + std::to_string(lane) +
-                    " of its mask has exited and never reaches it");
-      case State::kBarrier:
-        fail(t, std::string(op_name(t.op)) + ": lane " + std::to_string(lane) +
-                    " of its mask waits at __syncthreads instead");
-      case State::kWarp:
-        if (other.op != t.op || other.mask != t.mask) {
-          std::ostringstream m;
-          m << op_name(t.op) << " with mask 0x" << std::hex << t.mask << ": lane " << std::dec << lane
-            << " waits at " << op_name(other.op) << " with mask 0x" << std::hex << other.mask << " instead";
-          fail(t, m.str());
-        }
-        break;
+    if (other.state != State::kWarp) return false;  // the count includes lanes of another mask
+    if (other.op != t.op || other.mask != t.mask) {
+      fail(t, std::string(op_name(t.op)) + " with mask " + hex(t.mask) + ": lane " + std::to_string(lane) +
+                  " waits at " + op_name(other.op) + " with mask " + hex(other.mask) + " instead");
     }
   }
   return true;
@@ -412,15 +411,15 @@ void warp_collective(Thread& t, WarpOp op, unsigned mask, int argument, const vo
   Launch& l = *launch_in_progress;
   const int lane = t.id % 32;
   if (!(mask >> lane & 1u)) {
-    std::ostringstream m;
-    m << op_name(op) << " with mask 0x" << std::hex << mask << " leaves out the calling lane " << std::dec << lane;
-    fail(t, m.str());
+    fail(t, std::string(op_name(op)) + " with mask " + hex(mask) + " leaves out the calling lane " +
+                std::to_string(lane));
   }
   t.op = op;
   t.mask = mask;
   t.argument = argument;
   std::memcpy(t.in, in, in_bytes);
   t.state = State::kWarp;
+  ++l.warp_arrived[t.id / 32];
   if (warp_complete(l, t)) {
     resolve_warp(l, t.id / 32, mask);
     t.state = State::kReady;
@@ -534,6 +533,7 @@ void resolve_warp(Launch& l, int warp, unsigned mask) {
   for (int lane = 0; lane < 32; ++lane) {
     if (mask >> lane & 1u) lanes[lane].state = State::kReady;
   }
+  l.warp_arrived[warp] -= __builtin_popcount(mask);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -575,6 +575,7 @@ void fiber_main(void* argument) {
   t.state = State::kExited;
   --l.live;
   ++l.exited;
+  l.warp_exited[t.id / 32] |= 1u << (t.id % 32);
   if (l.at_barrier > 0 && l.at_barrier + l.exited == static_cast<int>(l.threads.size())) {
     fail(t, "divergent __syncthreads: " + std::to_string(l.at_barrier) +
                 " threads wait at a barrier that this thread exited without reaching");
@@ -784,6 +785,8 @@ void run_kernel(const LaunchConfig& config, void (*thread_body)(const void*), co
                                   i / (config.block.x * config.block.y)};
   }
   l.shadow.resize(round_up(config.dynamic_shared_bytes, 4) / 4);
+  l.warp_arrived.resize((threads + 31) / 32);
+  l.warp_exited.resize((threads + 31) / 32);
   block_dim = config.block;
   grid_dim = config.grid;
 
@@ -809,6 +812,8 @@ void run_kernel(const LaunchConfig& config, void (*thread_body)(const void*), co
         std::fill(l.shadow.begin(), l.shadow.end(),
                   Shadow{Granule::kUnwritten, kNobody, kNobody, 0xffffffffu, 0xffffffffu});
         l.epoch = 0;
+        std::fill(l.warp_arrived.begin(), l.warp_arrived.end(), 0);
+        std::fill(l.warp_exited.begin(), l.warp_exited.end(), 0u);
         l.live = threads;
         l.exited = 0;
         l.at_barrier = 0;
