@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine (DESIGN.md, "Benchmarks and GPU checks"; benchmarks/GPU_CHECK.md says
+# The one script for a GPU machine (docs/design.md, "How the kernels are checked"; benchmarks/GPU_CHECK.md says
 # how to read its output). It prints the GPU, builds mmv in place for this GPU's architecture only with
 # every core, runs the CUDA tests, a short end-to-end pass (benchmarks/gpu_e2e.py: the encoder against
 # the CPU, pretraining steps, mmv embed), the GPU benchmark, and prints a short summary table last.
