@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 from mmv.data.cache import PreprocessCache
 from mmv.data.datasets import CheXpert, CtRate, Manifest, MimicCxr, MixedDataset
-from mmv.data.preprocess import CtPreprocess, XrayPreprocess
-from mmv.image import Image
+from mmv.data.preprocess import CtPreprocess, ModalityPreprocess, XrayPreprocess
 from mmv.train_config import DataConfig
 
 __all__ = ["ModalityPreprocess", "modality_preprocess", "build_pretraining_sources", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("manifest", "mimic", "chexpert", "ctrate")
-
-
-@dataclass(frozen=True)
-class ModalityPreprocess:
-    """Preprocess volumes with ``ct`` and 2D images with ``xray``; predicts output shapes like both."""
-
-    ct: CtPreprocess
-    xray: XrayPreprocess
-
-    def __call__(self, image: Image) -> Image:
-        return self.ct(image) if image.is_3d else self.xray(image)
-
-    def output_shape(self, shape, spacing) -> tuple[int, ...]:
-        return (self.ct if len(shape) == 3 else self.xray).output_shape(shape, spacing)
 
 
 def modality_preprocess(config: DataConfig) -> ModalityPreprocess:

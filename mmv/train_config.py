@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmv.data.preprocess import DEFAULT_CT_SPACING, DEFAULT_CT_WINDOW, DEFAULT_XRAY_SHORT_SIDE
 from mmv.model.config import EncoderConfig
 
 if sys.version_info >= (3, 11):
@@ -62,14 +63,14 @@ class DataConfig:
     ``path`` (the manifest CSV or the data set root), optional ``weight`` (share of samples), ``split``
     (manifest rows of that ``split`` column value only; the data set's split otherwise) and ``id_column``.
     CT is windowed and resampled to ``ct_spacing``; X-rays resized to ``xray_spacing`` mm pixels or to
-    ``xray_short_side`` pixels.
+    ``xray_short_side`` pixels. The defaults are those of :mod:`mmv.data.preprocess` (``DEFAULT_*``).
     """
 
     sources: list[dict[str, Any]] = field(default_factory=list)
-    ct_spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    ct_spacing: tuple[float, float, float] = DEFAULT_CT_SPACING
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     xray_spacing: float | None = None
-    xray_short_side: int | None = 512
+    xray_short_side: int | None = DEFAULT_XRAY_SHORT_SIDE
     max_tokens: int = 16384
     max_images: int | None = None
     window: int = 256
