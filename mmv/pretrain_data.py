@@ -28,13 +28,12 @@ def modality_preprocess(config: DataConfig) -> ModalityPreprocess:
     )
 
 
-def _manifest_rows_in_split(path: Path, split: str, id_column: str | None) -> set[str]:
+def _manifest_rows_in_split(path: Path, split: str, id_column: str) -> set[str]:
     with open(path, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     if rows and "split" not in rows[0]:
         raise ValueError(f"{path}: a source with split={split!r} needs a 'split' column")
-    key = id_column or "path"
-    return {row[key] for row in rows if row["split"].strip().lower() == split}
+    return {row[id_column] for row in rows if row["split"].strip().lower() == split}
 
 
 def _build_source(spec: dict, transform, cache):
@@ -48,7 +47,7 @@ def _build_source(spec: dict, transform, cache):
         id_column = spec.get("id_column")
         dataset = Manifest(path, label_columns=(), id_column=id_column, transform=transform, cache=cache, on_error="skip")
         if split is not None:
-            keep = _manifest_rows_in_split(path, str(split).lower(), id_column)
+            keep = _manifest_rows_in_split(path, str(split).lower(), dataset.id_column)
             dataset.records = [record for record in dataset.records if record.id in keep]
         return dataset
     if kind == "mimic":

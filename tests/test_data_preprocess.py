@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from mmv import Image
 from mmv.data import (
-    ModalityPreprocess,
     CtPreprocess,
+    ModalityPreprocess,
     XrayPreprocess,
     crop_or_pad,
     ct_window,

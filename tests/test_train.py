@@ -75,7 +75,8 @@ def test_checkpoints_keep_the_last_k_and_refuse_corrupt_files(tmp_path):
 
 
 def test_a_run_writes_metrics_plot_checkpoints_and_encoder(tmp_path):
-    history = Trainer(tiny_config(tmp_path, steps=4), dataset=SyntheticImages()).train()
+    config = tiny_config(tmp_path, steps=4)
+    history = Trainer(config, dataset=SyntheticImages()).train()
     assert [record["step"] for record in history] == [1, 2, 3, 4]
     assert all(record["tokens"] > 0 for record in history)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +86,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_encoder(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt", "step_00000004.pt"]
     encoder = Encoder.from_pretrained(tmp_path / "encoder")
     assert encoder.config.embed_dim == 32
+    assert encoder.preprocess == modality_preprocess(config.data)  # the run's preprocessing travels with it
 
 
 def test_resumed_run_continues_with_the_same_losses(tmp_path):

@@ -113,8 +113,6 @@ _NAMED_SPLITS = {
     "chexpert": {"train": "train", "valid": "val"},
     "ctrate": {"train": "train", "valid": "val"},
 }
-# Manifest columns that describe a row rather than label it.
-_MANIFEST_ROW_COLUMNS = ("split", "group")
 # What each setting that must not change within a feature table is called in messages.
 _SETTING_NAMES = {
     "weights_sha256": "weights",
@@ -227,18 +225,13 @@ def _patient_numbers(records) -> tuple[str, ...]:
 
 def _open_manifest(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
     rows = read_table(spec.path)
-    header = list(rows[0]) if rows else []
-    id_column = spec.id_column if spec.id_column is not None else ("id" if "id" in header else None)
-    label_columns = spec.label_columns
-    if label_columns is None:
-        described = {"path", "modality", id_column, *_MANIFEST_ROW_COLUMNS}
-        label_columns = tuple(column for column in header if column not in described)
-    clashes = [name for name in label_columns if name in INDEX_COLUMNS]
+    dataset = Manifest(
+        spec.path, label_columns=spec.label_columns, id_column=spec.id_column, transform=transform, cache=cache,
+        on_error=on_error,
+    )
+    clashes = [name for name in dataset.label_names if name in INDEX_COLUMNS]
     if clashes:
         raise ValueError(f"{spec.path}: label columns may not be named {clashes} (they are index columns)")
-    dataset = Manifest(
-        spec.path, label_columns=label_columns, id_column=id_column, transform=transform, cache=cache, on_error=on_error
-    )
     # Manifest keeps one record per table row, in order.
     splits = [(row.get("split") or "").strip() for row in rows]
     groups = [(row.get("group") or "").strip() for row in rows]
