@@ -647,8 +647,8 @@ def run_embed(
         num_workers: DataLoader worker processes that read, preprocess and tokenise.
         device: where the encoder runs; default CUDA when available, else the CPU.
         bf16: encode under bfloat16 autocast (features are stored as float32 either way).
-        ct_spacing, ct_window, xray_spacing, xray_short_side: preprocessing settings replacing those of the
-            pretraining run (see :func:`embed_preprocess`).
+        ct_spacing, ct_window, xray_spacing, xray_short_side: preprocessing settings replacing those the
+            encoder was trained with (see :func:`embed_preprocess`).
         cache_dir: a :class:`mmv.data.PreprocessCache` directory for the preprocessed images.
         on_error: ``"raise"`` stops at an unreadable image; ``"skip"`` leaves it out of the table, logs it
             once and lists it in ``embed.json``.
