@@ -52,7 +52,8 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         # Flags (default False), unset options (None) and empty lists have no default worth stating.
-        unstated = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        default = action.default
+        unstated = default is None or default is False or default == [] or default == argparse.SUPPRESS
         if not action.option_strings or "default" in text or unstated:
             return text
         return f"{text} (default: %(default)s)"

@@ -8,9 +8,9 @@ gradient accumulation; bf16 autocast on GPU; DDP under ``torchrun`` (gloo on CPU
 
 A run directory holds ``config.toml``-equivalent ``config.json``, ``metrics.jsonl`` (one JSON object per
 logged step), ``loss.png``, ``checkpoints/step_*.pt`` (the last K) and, at the end, ``encoder/`` (the
-teacher's encoder with the run's preprocessing, loadable with :meth:`mmv.Encoder.from_pretrained`). Resuming restores model,
-teacher, optimiser, loss centres, the data position and every random generator, so a resumed run
-continues with exactly the losses of one that was never interrupted.
+teacher's encoder with the run's preprocessing, loadable with :meth:`mmv.Encoder.from_pretrained`).
+Resuming restores model, teacher, optimiser, loss centres, the data position and every random
+generator, so a resumed run continues with exactly the losses of one that was never interrupted.
 """
 
 from __future__ import annotations

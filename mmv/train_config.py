@@ -52,7 +52,8 @@ class _Section:
         section = _SECTION_NAMES[type(self)]
         hints = typing.get_type_hints(type(self))
         for spec in dataclasses.fields(self):
-            setattr(self, spec.name, _conform_field(getattr(self, spec.name), hints[spec.name], f"{section}.{spec.name}"))
+            value = _conform_field(getattr(self, spec.name), hints[spec.name], f"{section}.{spec.name}")
+            setattr(self, spec.name, value)
 
 
 # TOML cannot write None: this string stands for it in fields that may be None.
@@ -297,7 +298,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for name, section_class in _SECTIONS.items():
             if not isinstance(getattr(self, name), section_class):
-                raise TypeError(f"PretrainConfig: {name} must be a {section_class.__name__}, got {getattr(self, name)!r}")
+                raise TypeError(f"PretrainConfig: {name} must be a {section_class.__name__}, got {type(getattr(self, name)).__name__}")
         steps = self.optim.steps
         for key, warmup in (
             ("optim.warmup_steps", self.optim.warmup_steps),

@@ -63,8 +63,10 @@ class PackedCollate:
         self.tokenizer = tokenizer
         self.with_labels = bool(with_labels)
 
-    def __call__(self, samples: Sequence[Sample | tuple[Image, Any] | None]) -> PackedBatch | LabelledPackedBatch | None:
-        present = [_image_labels_id(sample, position) for position, sample in enumerate(samples) if sample is not None]
+    def __call__(
+        self, samples: Sequence[Sample | tuple[Image, Any] | None]
+    ) -> PackedBatch | LabelledPackedBatch | None:
+        present = [_image_labels_id(item, position) for position, item in enumerate(samples) if item is not None]
         if not present:
             return None
         batch = pack([self.tokenizer(image) for image, _, _ in present])

@@ -89,7 +89,7 @@ CT_RATE_LABELS = (
 NOMINAL_XRAY_SHORT_SIDE_MM = 350.0
 
 _UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
-# Manifest columns that describe a row (its split of the data set, its group of related images) rather than label it.
+# Manifest columns that describe a row (its split of the data set, its group of related images), not label it.
 MANIFEST_ROW_COLUMNS = ("split", "group")
 
 

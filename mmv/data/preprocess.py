@@ -232,7 +232,8 @@ class CtPreprocess:
     """The CT pipeline: window (HU to [-1, 1], NaN to air), trilinear resampling, optional crop/pad with air.
 
     The defaults are :data:`DEFAULT_CT_WINDOW` ([-1000, 1000] HU) and :data:`DEFAULT_CT_SPACING` (1.5 mm
-    isotropic), those of pretraining. Windowing comes first so that NaN voxels and extreme values never bleed into their neighbours.
+    isotropic), those of pretraining. Windowing comes first so that NaN voxels and extreme values never
+    bleed into their neighbours.
 
     Attributes:
         spacing: target voxel size in mm, (z, y, x).
@@ -341,7 +342,9 @@ class ModalityPreprocess:
     def from_dict(cls, values: dict[str, Any]) -> ModalityPreprocess:
         """The preprocessing from :meth:`to_dict`'s output; a missing or unknown key raises ValueError naming it."""
         _check_keys(values, _PIPELINES, "preprocess")
-        return cls(**{name: _pipeline_from_dict(values[name], kind, f"preprocess.{name}") for name, kind in _PIPELINES.items()})
+        return cls(**{
+            name: _pipeline_from_dict(values[name], kind, f"preprocess.{name}") for name, kind in _PIPELINES.items()
+        })
 
 
 _PIPELINES = {"ct": CtPreprocess, "xray": XrayPreprocess}

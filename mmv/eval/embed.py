@@ -759,13 +759,17 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--fixed", action="store_true", help="ctrate: read the header-fixed volumes")
     parser.add_argument("--id-column", help="manifest: the id column (default 'id' when present, else the path)")
-    parser.add_argument("--label-columns", nargs="+", metavar="NAME", help="manifest: the label columns (default: all but path, modality, id, split and group)")
+    parser.add_argument(
+        "--label-columns", nargs="+", metavar="NAME",
+        help="manifest: the label columns (default: all but path, modality, id, split and group)",
+    )
     parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch (default: 16384)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast")
     parser.add_argument(
-        "--ct-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="CT voxel size in mm (default: the encoder's)"
+        "--ct-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
+        help="CT voxel size in mm (default: the encoder's)",
     )
     parser.add_argument(
         "--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU (default: the encoder's)"
@@ -774,7 +778,10 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     xray.add_argument("--xray-spacing", type=float, help="X-ray pixel size in mm (default: the encoder's)")
     xray.add_argument("--xray-short-side", type=int, help="X-ray short side in pixels (default: the encoder's)")
     parser.add_argument("--cache-dir", help="preprocessing cache directory")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="what to do with unreadable images (default: raise)")
+    parser.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise",
+        help="what to do with unreadable images (default: raise)",
+    )
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

@@ -383,5 +383,6 @@ def _checkpoint_directory(path: str | os.PathLike) -> Path:
     if path.name in (CONFIG_NAME, SAFETENSORS_NAME, TORCH_NAME):
         return path.parent
     raise CheckpointError(
-        path, f"Encoder.from_pretrained takes the directory save_pretrained wrote ({CONFIG_NAME} and the weights), not a file"
+        path,
+        f"Encoder.from_pretrained takes the directory save_pretrained wrote ({CONFIG_NAME} and the weights), not a file",
     )
