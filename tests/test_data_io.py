@@ -361,7 +361,7 @@ def written(path: Path, content: bytes) -> Path:
         (lambda d: written(d / "noise.dcm", np.random.default_rng(0).bytes(4096)), "no image reader"),
         (lambda d: written(d / "notes.txt", b"not an image"), "no image reader"),
         (lambda d: written(d / "short.nii", b"\x5c\x01\x00\x00" + bytes(100)), "unsupported or corrupt|NIfTI"),
-        (lambda d: PYDICOM_FILES / "MR_truncated.dcm", "no image reader"),
+        (lambda d: PYDICOM_FILES / "MR_truncated.dcm", "truncated pixel data"),
         (lambda d: NIBABEL_FILES / "T1.PAR", "no image reader"),
         (lambda d: NIBABEL_FILES / "tiny.mnc", "unsupported format"),
         (lambda d: d, "no DICOM series"),
