@@ -107,6 +107,8 @@ def test_directory_with_several_series_lists_them_and_reads_the_chosen_one():
     # so that z runs toward superior.
     assert image.shape == (16, 16, 1)
     np.testing.assert_array_equal(image.pixels.numpy()[:, :, 0], oracle.pixel_array[::-1, :].astype(np.float64))
+    # One slice: its thickness is the header's SliceThickness, not a default.
+    assert image.spacing == pytest.approx((*[float(v) for v in oracle.PixelSpacing], float(oracle.SliceThickness)))
     with pytest.raises(ImageReadError, match="no series"):
         read_image(directory, series_uid="1.2.3")
 

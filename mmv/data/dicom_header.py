@@ -78,6 +78,33 @@ _KEPT = _US | {
     RESCALE_INTERCEPT,
     RESCALE_SLOPE,
 }
+# DICOM keywords of the kept elements, for messages.
+_NAMES = {
+    TRANSFER_SYNTAX: "TransferSyntaxUID",
+    MODALITY: "Modality",
+    SLICE_THICKNESS: "SliceThickness",
+    SPACING_BETWEEN_SLICES: "SpacingBetweenSlices",
+    IMAGER_PIXEL_SPACING: "ImagerPixelSpacing",
+    SERIES_INSTANCE_UID: "SeriesInstanceUID",
+    IMAGE_POSITION: "ImagePositionPatient",
+    IMAGE_ORIENTATION: "ImageOrientationPatient",
+    SAMPLES_PER_PIXEL: "SamplesPerPixel",
+    PHOTOMETRIC: "PhotometricInterpretation",
+    NUMBER_OF_FRAMES: "NumberOfFrames",
+    ROWS: "Rows",
+    COLUMNS: "Columns",
+    PIXEL_SPACING: "PixelSpacing",
+    BITS_ALLOCATED: "BitsAllocated",
+    BITS_STORED: "BitsStored",
+    HIGH_BIT: "HighBit",
+    PIXEL_REPRESENTATION: "PixelRepresentation",
+    RESCALE_INTERCEPT: "RescaleIntercept",
+    RESCALE_SLOPE: "RescaleSlope",
+    PIXEL_MEASURES_SEQUENCE: "PixelMeasuresSequence",
+    SHARED_FUNCTIONAL_GROUPS: "SharedFunctionalGroupsSequence",
+    PER_FRAME_FUNCTIONAL_GROUPS: "PerFrameFunctionalGroupsSequence",
+    PIXEL_DATA: "PixelData",
+}
 # Sequences descended into: the enhanced multi-frame IODs keep pixel spacing in functional groups.
 _KEPT_SEQUENCES = {SHARED_FUNCTIONAL_GROUPS, PER_FRAME_FUNCTIONAL_GROUPS, PIXEL_MEASURES_SEQUENCE}
 # The kept elements are short strings and numbers; a longer value is a corrupt length.
@@ -186,7 +213,9 @@ class DicomHeader:
 
 
 def _tag_text(tag: int) -> str:
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    """A tag as ``Keyword (gggg,eeee)``, or ``(gggg,eeee)`` for elements not kept."""
+    numbers = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    return f"{_NAMES[tag]} {numbers}" if tag in _NAMES else numbers
 
 
 def looks_like_dicom(prefix: bytes) -> bool:

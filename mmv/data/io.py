@@ -179,7 +179,7 @@ def read_image(
 
     - Pixels are float32. DICOM rescale slope/intercept are applied exactly once (CT comes out in
       Hounsfield units); NIfTI ``scl_slope``/``scl_inter`` are applied when present. ITK's NIfTI library
-      turns NaN voxels of floating-point NIfTI files into 0. Radiographs stored
+      turns NaN and infinite voxels of floating-point NIfTI files into 0. Radiographs stored
       as MONOCHROME1 come out like MONOCHROME2 (dense tissue bright). Colour images become luminance.
     - A single DICOM file, PNG and JPEG give a 2D image ``[H, W]`` in stored row/column order; a DICOM
       series and 3D NIfTI/NRRD/MetaImage files give a volume ``[D, H, W]`` in canonical LPS orientation,
@@ -502,13 +502,16 @@ def _checked_dicom_facts(path: Path, header: DicomHeader, frame: int | None) -> 
     slope = header.decimals(tags.RESCALE_SLOPE)
     intercept = header.decimals(tags.RESCALE_INTERCEPT)
     if slope is not None and (len(slope) != 1 or slope[0] == 0.0):
-        raise ImageReadError(path, f"DICOM RescaleSlope {slope} is not one non-zero number")
+        raise ImageReadError(path, f"DICOM RescaleSlope {list(slope)} is not one non-zero number")
     if intercept is not None and len(intercept) != 1:
-        raise ImageReadError(path, f"DICOM RescaleIntercept {intercept} is not one number")
-    for tag, count in ((tags.IMAGE_POSITION, 3), (tags.IMAGE_ORIENTATION, 6)):
+        raise ImageReadError(path, f"DICOM RescaleIntercept {list(intercept)} is not one number")
+    for tag, name, count in (
+        (tags.IMAGE_POSITION, "ImagePositionPatient", 3),
+        (tags.IMAGE_ORIENTATION, "ImageOrientationPatient", 6),
+    ):
         values = header.decimals(tag)
         if values is not None and len(values) != count:
-            raise ImageReadError(path, f"DICOM element {tag >> 16:04X},{tag & 0xFFFF:04X} holds {len(values)} values, not {count}")
+            raise ImageReadError(path, f"DICOM {name} holds {len(values)} values, not {count}")
     return _DicomFacts(
         modality=header.text(tags.MODALITY),
         series_uid=header.text(tags.SERIES_INSTANCE_UID),
@@ -542,7 +545,7 @@ def _dicom_pixel_spacing(path: Path, header: DicomHeader, frame: int) -> tuple[f
         try:
             values = header.decimals(tag, dataset)
         except DicomHeaderError:
-            found.append(f"{name} {header.text(tag, dataset)!r:.40}")
+            found.append(f"{name} '{header.text(tag, dataset)[:40]}'")
             continue
         if _plausible_spacing(values, 2):
             return values[0], values[1]
@@ -551,8 +554,8 @@ def _dicom_pixel_spacing(path: Path, header: DicomHeader, frame: int) -> tuple[f
     low, high = SPACING_RANGE_MM
     raise ImageReadError(
         path,
-        "unknown pixel spacing: no PixelSpacing or ImagerPixelSpacing of two values within "
-        f"{low:g} to {high:g} mm" + (f" (found {'; '.join(found)})" if found else ""),
+        "unknown pixel spacing: neither PixelSpacing, nor a Pixel Measures functional group, nor ImagerPixelSpacing "
+        f"holds two values within {low:g} to {high:g} mm" + (f" (found {'; '.join(found)})" if found else ""),
     )
 
 
