@@ -5,8 +5,8 @@ files, and DICOM series with one mutated slice, are made at test time with a fix
 subprocess under a memory limit (RLIMIT_AS) reads them one after another and reports each; when it dies,
 the file it was reading is counted as a crash and a new worker goes on with the rest, and a file that takes
 longer than the watchdog's limit counts as a hang. Every file must end in a returned image or an
-ImageReadError naming it (or, for a series, the slice inside it); every returned image must be finite with plausible spacing and agree with
-read_image_info.
+ImageReadError naming it (or, for a series, the slice inside it); every returned image must be finite
+with plausible spacing and agree with read_image_info.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ SPACINGS = ["0\\0", "nan\\nan", "abc\\abc", "1e300\\1e300", "1e-310\\1e-310", "-
 THICKNESSES = ["0", "nan", "abc", "1e300", "-5", ""]
 # Hostile values of the header elements worth editing, by tag (text) or None (a 16-bit unsigned value).
 HOSTILE_TEXT = {
-    0x00020010: ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5", "1.2.3", ""],
+    0x00020010: ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5", ""],
     0x00280004: ["PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "RGB", "MONOCHROME1", "abc", ""],
     0x00280008: ["0", "-1", "2", "99999", "abc", ""],
     0x00280030: SPACINGS,
@@ -129,9 +129,12 @@ def dicom_fields(path: Path) -> list[tuple[int, int, int, int]]:
     """(tag, value offset, value length, size of the length field) of the elements worth editing."""
     dataset = pydicom.dcmread(path, stop_before_pixels=True)
     fields = []
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", "")).encode()
+    offset = path.read_bytes().find(syntax, 132, 1024) if syntax else -1
+    if offset > 0:  # pydicom decodes the file meta while reading: find its transfer syntax by value
+        fields.append((0x00020010, offset, len(syntax) + len(syntax) % 2, 2))
     for tag in [*US_TAGS, *HOSTILE_TEXT]:
-        container = dataset.file_meta if tag >> 16 == 0x0002 else dataset
-        element = container.get_item(tag) if tag in container else None
+        element = dataset.get_item(tag) if tag in dataset else None
         if element is None or not hasattr(element, "value_tell") or not element.length:
             continue  # absent, or already decoded by pydicom (no offset known)
         long_length = element.is_implicit_VR or element.VR in ("OB", "OW", "SQ", "UN", "UT", "UC", "UR")
@@ -209,7 +212,8 @@ def mutants(tmp_path_factory) -> dict[str, tuple[str, str | None]]:
         source = PYDICOM_FILES / name
         data = source.read_bytes()
         fields = dicom_fields(source)
-        big_endian = pydicom.dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+        syntax = pydicom.dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        big_endian = syntax == "1.2.840.10008.1.2.2"
         header_end = dicom_header_end(source)
         for index in range(MUTANTS_PER_SOURCE):
             mutant, how = mutate(data, rng, header_end, lambda m, r: edit_dicom_field(m, fields, r, big_endian))
@@ -257,7 +261,8 @@ def read_all(files: dict[str, tuple[str, int | None]], workdir: Path) -> dict[st
     while pending:
         attempt += 1
         listing = workdir / f"files_{attempt}.txt"
-        listing.write_text("".join(f"{path}\t{'-' if files[path][1] is None else files[path][1]}\n" for path in pending))
+        frames = {path: "-" if files[path][1] is None else str(files[path][1]) for path in pending}
+        listing.write_text("".join(f"{path}\t{frames[path]}\n" for path in pending))
         stderr = (workdir / f"stderr_{attempt}.txt").open("w")
         worker = subprocess.Popen(
             [sys.executable, "-c", WORKER, str(listing), str(MEMORY_LIMIT_BYTES)],

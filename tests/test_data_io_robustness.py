@@ -25,7 +25,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword  # noqa: E402
 from pydicom.dataelem import RawDataElement  # noqa: E402
 from pydicom.tag import Tag  # noqa: E402
 
-from mmv.data import ImageReadError, Manifest, list_dicom_series, read_image, read_image_info  # noqa: E402
+from mmv.data import ImageReadError, Manifest, read_image, read_image_info  # noqa: E402
 from mmv.data.io import SPACING_RANGE_MM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,8 @@ REPORT_READ = """
             read(path)
             print(read.__name__, "returned")
         except ImageReadError as error:
-            print(read.__name__, "ImageReadError", error.path == path or error.path.startswith(path + "/"), error.reason)
+            named = error.path == path or error.path.startswith(path + "/")
+            print(read.__name__, "ImageReadError", named, error.reason)
 """
 
 
@@ -389,3 +390,33 @@ def test_a_downstream_pytest_run_with_w_error_passes(tmp_path):
     )
     assert result.returncode == 0, f"exit status {result.returncode}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
     assert "1 passed" in result.stdout
+
+
+def write_text_header_image(path: Path, header: str) -> Path:
+    path.write_bytes(header.encode() + np.arange(24, dtype="<f4").tobytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, header, spacing_line",
+    [
+        (
+            "volume.nrrd",
+            "NRRD0004\ntype: float\ndimension: 3\nsizes: 2 3 4\nencoding: raw\nendian: little\n{}\n",
+            "spacings: 0.5 0.75 2\n",
+        ),
+        (
+            "volume.mha",
+            "ObjectType = Image\nNDims = 3\nDimSize = 2 3 4\nElementType = MET_FLOAT\n{}ElementDataFile = LOCAL\n",
+            "ElementSpacing = 0.5 0.75 2\n",
+        ),
+    ],
+    ids=["nrrd", "metaimage"],
+)
+def test_text_header_without_spacing_raises(tmp_path, name, header, spacing_line):
+    without = write_text_header_image(tmp_path / name, header.format(""))
+    assert_unreadable(without, "unknown voxel spacing")
+    with_spacing = write_text_header_image(tmp_path / f"spaced_{name}", header.format(spacing_line))
+    image = read_image(with_spacing)
+    assert image.spacing == (2.0, 0.75, 0.5)
+    np.testing.assert_array_equal(image.pixels.numpy().ravel(), np.arange(24, dtype=np.float32))

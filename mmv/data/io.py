@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmv.data import dicom_header as tags
 from mmv.data.dicom_header import (
     ENCAPSULATED_TRANSFER_SYNTAXES,
     DicomHeader,
@@ -38,7 +39,6 @@ from mmv.data.dicom_header import (
     looks_like_dicom,
     read_dicom_header,
 )
-from mmv.data import dicom_header as tags
 from mmv.image import Image
 
 __all__ = [
@@ -189,8 +189,9 @@ def read_image(
       group of enhanced multi-frame files, else ImagerPixelSpacing (radiographs: the spacing at the
       detector, larger than at the patient by the geometric magnification); a file with none of them
       valid (missing, zero, unparsable) raises. A one-file DICOM series takes its thickness from
-      SpacingBetweenSlices, else SliceThickness, else raises. PNG and JPEG carry no physical size: their
-      spacing is ITK's 1.0 per pixel, which callers replace (the radiograph data sets do).
+      SpacingBetweenSlices, else SliceThickness, else raises. A NIfTI pixdim that is not positive and an
+      NRRD or MetaImage header without a spacing field raise too. PNG and JPEG carry no physical size:
+      their spacing is ITK's 1.0 per pixel, which callers replace (the radiograph data sets do).
     - Only plausible images are returned: every pixel finite, spacing within ``SPACING_RANGE_MM``
       (0.001 to 1000 mm), finite origin and orthonormal direction for volumes, at most 2**30 voxels.
       DICOM files must be greyscale (MONOCHROME1/2) or colour (RGB, YBR_*) with 8, 16 or 32 bits
@@ -314,6 +315,31 @@ def _checked_nifti_header(path: Path) -> dict:
     return header
 
 
+# Where the text headers of NRRD and MetaImage end at the latest, for the spacing check.
+_TEXT_HEADER_BYTES = 1 << 16
+# Header fields from which ITK takes the spacing; without any, ITK assumes 1 mm.
+_TEXT_SPACING_FIELDS = {
+    "NRRD": (":", {b"spacings", b"space directions"}, b""),
+    "MetaImage": ("=", {b"elementspacing", b"elementsize"}, b"elementdatafile"),
+}
+
+
+def _check_text_header_has_spacing(path: Path, format_name: str) -> None:
+    """Raise for an NRRD or MetaImage header without a spacing field, whose spacing ITK would invent as 1 mm."""
+    separator, fields, last_field = _TEXT_SPACING_FIELDS[format_name]
+    with open(path, "rb") as stream:
+        lines = stream.read(_TEXT_HEADER_BYTES).split(b"\n")
+    for line in lines[1:] if format_name == "NRRD" else lines:
+        key = line.split(separator.encode(), 1)[0].strip().lower()
+        if key in fields:
+            return
+        # An attached NRRD header ends at a blank line, a MetaImage header with its ElementDataFile line.
+        if key == last_field:
+            break
+    names = ", ".join(sorted(field.decode() for field in fields))
+    raise ImageReadError(path, f"unknown voxel spacing: the {format_name} header has none of {names}")
+
+
 def _checked_path(path: str | os.PathLike, series_uid: str | None, frame: int | None) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -410,7 +436,10 @@ def _check_geometry(path: Path, geometry: _Geometry, oriented: bool) -> None:
         raise ImageReadError(path, "non-finite image origin")
     direction = geometry.direction
     identity = np.eye(len(direction))
-    if not np.all(np.isfinite(direction)) or np.max(np.abs(direction.T @ direction - identity)) > _ORTHONORMAL_TOLERANCE:
+    orthonormal = np.all(np.isfinite(direction)) and (
+        np.max(np.abs(direction.T @ direction - identity)) <= _ORTHONORMAL_TOLERANCE
+    )
+    if not orthonormal:
         raise ImageReadError(path, "the direction cosines are not orthonormal")
 
 
@@ -575,6 +604,8 @@ def _read_file(path: Path, frame: int | None, with_pixels: bool) -> Image | Imag
     dicom = _dicom_facts(path, _dicom_header(path), frame) if format_name == "DICOM" else None
     if format_name == "NIfTI":
         _checked_nifti_header(path)
+    if format_name in ("NRRD", "MetaImage"):
+        _check_text_header_has_spacing(path, format_name)
     io = _open_image_io(path, format_name)
     axes = io.GetNumberOfDimensions()
     components = io.GetNumberOfComponents()
