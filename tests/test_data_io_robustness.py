@@ -119,11 +119,16 @@ def test_unreadable_file_is_skipped_by_a_dataset(tmp_path):
     (tmp_path / "manifest.csv").write_text(
         f"path,modality,finding\n{bad.name},CT,1\n{nan_spacing.name},CT,0\ngood.dcm,CT,1\n"
     )
-    dataset = Manifest(tmp_path / "manifest.csv", on_error="skip")
-    samples = [dataset[index] for index in range(len(dataset))]
-    assert samples[0] is None and samples[1] is None
-    assert samples[2] is not None and samples[2].image.shape == (128, 128)
-    assert dataset.skipped == 2
+    code = """
+        import sys
+        from mmv.data import Manifest
+        dataset = Manifest(sys.argv[1], on_error="skip")
+        samples = [dataset[index] for index in range(len(dataset))]
+        print([None if sample is None else tuple(sample.image.shape) for sample in samples], dataset.skipped)
+    """
+    result = read_in_subprocess(code, str(tmp_path / "manifest.csv"))
+    assert result.returncode == 0, f"the reader killed the process ({result.returncode}): {result.stderr[-2000:]}"
+    assert result.stdout.strip() == "[None, None, (128, 128)] 2"
 
 
 # ------------------------------------------------------------------------------------------------
