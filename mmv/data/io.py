@@ -457,7 +457,6 @@ class _DicomFacts:
     """What the reader takes from a DICOM header that it checked itself (see :func:`_dicom_facts`)."""
 
     modality: str | None
-    series_uid: str | None
     rows: int
     columns: int
     frames: int
@@ -543,7 +542,6 @@ def _checked_dicom_facts(path: Path, header: DicomHeader, frame: int | None) -> 
             raise ImageReadError(path, f"DICOM {name} holds {len(values)} values, not {count}")
     return _DicomFacts(
         modality=header.text(tags.MODALITY),
-        series_uid=header.text(tags.SERIES_INSTANCE_UID),
         rows=rows,
         columns=columns,
         frames=frames,
