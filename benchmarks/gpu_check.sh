@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine (DESIGN.md, "Benchmarks and GPU checks"; benchmarks/GPU_CHECK.md says
+# The one script for a GPU machine (docs/design.md, "How the kernels are checked"; benchmarks/GPU_CHECK.md says
 # how to read its output). It prints the GPU, builds mmv in place for this GPU's architecture only with
 # every core, runs the CUDA tests, a short end-to-end pass (benchmarks/gpu_e2e.py: the encoder against
 # the CPU, pretraining steps, mmv embed), the GPU benchmark, and prints a short summary table last.
@@ -89,10 +89,10 @@ print("CUDA kernels registered:", ", ".join(n for n in names if n not in missing
 sys.exit(f"no CUDA kernel for {missing}" if missing else 0)'
 }
 
-# Four pytest workers when pytest-xdist is there: the float64 references run on the CPU.
+# Eight pytest workers when pytest-xdist is there: the float64 references run on the CPU.
 cuda_tests() {
   local workers=()
-  if "$python" -c 'import xdist' 2>/dev/null; then workers=(-n 4); fi
+  if "$python" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
   "$python" -m pytest -m cuda tests/test_cuda_ops.py -q -p no:cacheprovider "${workers[@]}" -o junit_family=xunit2 \
     --junitxml="$out_dir/cuda_tests.xml"
 }

@@ -8,9 +8,9 @@ gradient accumulation; bf16 autocast on GPU; DDP under ``torchrun`` (gloo on CPU
 
 A run directory holds ``config.toml``-equivalent ``config.json``, ``metrics.jsonl`` (one JSON object per
 logged step), ``loss.png``, ``checkpoints/step_*.pt`` (the last K) and, at the end, ``encoder/`` (the
-teacher's encoder, loadable with :meth:`mmv.Encoder.from_pretrained`). Resuming restores model,
-teacher, optimiser, loss centres, the data position and every random generator, so a resumed run
-continues with exactly the losses of one that was never interrupted.
+teacher's encoder with the run's preprocessing, loadable with :meth:`mmv.Encoder.from_pretrained`).
+Resuming restores model, teacher, optimiser, loss centres, the data position and every random
+generator, so a resumed run continues with exactly the losses of one that was never interrupted.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from mmv.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint
 from mmv.data.sampler import TokenBudgetBatchSampler
 from mmv.model.encoder import Encoder
 from mmv.packing import PackedBatch
+from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
 from mmv.schedules import cosine_schedule, warmup_cosine_schedule
 from mmv.ssl.augment import CropSpec, MultiCrop
 from mmv.ssl.batch import MultiCropDataset, SeededBatchSampler, SslBatch, SslCollate
@@ -210,6 +211,8 @@ class Trainer:
         ssl = config.ssl
         # The encoder is drawn first, so it starts from the weights Encoder(config) gets after this seed.
         encoder = Encoder(encoder_config)
+        # Recorded with the weights (save_pretrained), so that the encoder's users preprocess as it was trained.
+        encoder.preprocess = modality_preprocess(config.data)
         heads = [
             DinoHead(
                 encoder_config.embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers,
@@ -229,8 +232,6 @@ class Trainer:
         self.last_layer_parameters = [p for head in heads for p in head.last_layer_parameters]
 
         if dataset is None:
-            from mmv.pretrain_data import build_pretraining_sources
-
             dataset = build_pretraining_sources(config.data)
         tokenizer = Tokenizer(encoder_config.patch_size, drop_rate=config.augment.token_drop_rate)
         self.dataset = MultiCropDataset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from mmv import Image
 from mmv.data import (
     CtPreprocess,
+    ModalityPreprocess,
     XrayPreprocess,
     crop_or_pad,
     ct_window,
@@ -20,7 +22,12 @@ from mmv.data import (
     resample_to_spacing,
     resize_xray,
 )
-from mmv.data.preprocess import resampled_shape
+from mmv.data.preprocess import (
+    DEFAULT_CT_SPACING,
+    DEFAULT_CT_WINDOW,
+    DEFAULT_XRAY_SHORT_SIDE,
+    resampled_shape,
+)
 
 
 def linear_volume(shape, spacing, gradient=(3.0, -2.0, 0.5)) -> Image:
@@ -192,3 +199,33 @@ def test_resample_rejects_bad_spacing():
         resample_to_spacing(image, (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="antialias"):
         resample_to_spacing(Image(torch.zeros(4, 4, 4), (1.0, 1.0, 1.0)), 2.0, antialias=True)
+
+
+def test_one_set_of_defaults_for_the_pipelines_the_trainer_and_a_new_encoder():
+    from mmv import Encoder
+    from mmv.pretrain_data import modality_preprocess
+    from mmv.train_config import DataConfig
+
+    defaults = ModalityPreprocess()
+    assert defaults == ModalityPreprocess(CtPreprocess(), XrayPreprocess())
+    assert modality_preprocess(DataConfig()) == defaults
+    assert Encoder.from_preset("vit_tiny", depth=1).preprocess == defaults
+    assert CtPreprocess().spacing == DEFAULT_CT_SPACING == DataConfig().ct_spacing
+    assert CtPreprocess().window == DEFAULT_CT_WINDOW == DataConfig().ct_window
+    assert XrayPreprocess().short_side == DEFAULT_XRAY_SHORT_SIDE == DataConfig().xray_short_side
+
+
+def test_the_mixed_transform_routes_by_dimension_and_round_trips_through_json():
+    preprocess = ModalityPreprocess(CtPreprocess(spacing=(2.0, 2.0, 2.0)), XrayPreprocess(short_side=16))
+    volume = Image(torch.zeros(4, 6, 6), (4.0, 4.0, 4.0), "CT")
+    radiograph = Image(torch.rand(40, 32), (0.5, 0.5), "DX")
+    assert preprocess(volume).shape == preprocess.output_shape(volume.shape, volume.spacing) == (8, 12, 12)
+    assert preprocess(radiograph).shape == preprocess.output_shape(radiograph.shape, radiograph.spacing) == (20, 16)
+    values = json.loads(json.dumps(preprocess.to_dict()))
+    assert ModalityPreprocess.from_dict(values) == preprocess
+    with pytest.raises(ValueError, match="preprocess.ct.*unknown \\['voxel'\\]"):
+        ModalityPreprocess.from_dict({**values, "ct": {**values["ct"], "voxel": 1}})
+    with pytest.raises(ValueError, match="missing \\['xray'\\]"):
+        ModalityPreprocess.from_dict({"ct": values["ct"]})
+    with pytest.raises(TypeError, match="ct must be a CtPreprocess"):
+        ModalityPreprocess(XrayPreprocess(), XrayPreprocess())

@@ -1,16 +1,18 @@
 """mmv.Encoder: configs, batch invariances, 2D/3D weight sharing, gradients, checkpoints, bad input, compile."""
 
 import json
+import shutil
 import sys
 
 import pytest
 import torch
 
+from mmv.data import CtPreprocess, ModalityPreprocess, XrayPreprocess
 from mmv.image import Image
 from mmv.model import checkpoint
 from mmv.model.checkpoint import CheckpointError
 from mmv.model.config import EncoderConfig
-from mmv.model.encoder import Encoder, EncoderOutput
+from mmv.model.encoder import Encoder, EncoderOutput, MissingPreprocessWarning
 from mmv.model.layers import PackedContext, drop_path_per_image
 from mmv.packing import PackedBatch, pack
 from mmv.tokenizer import Tokenizer
@@ -370,6 +372,58 @@ def test_missing_or_invalid_checkpoint_files_raise_naming_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Encoder.from_pretrained(tmp_path)
+
+
+def test_the_preprocessing_travels_with_the_saved_encoder(tmp_path):
+    encoder = tiny_encoder()
+    assert encoder.preprocess == ModalityPreprocess()
+    encoder.preprocess = ModalityPreprocess(
+        CtPreprocess(spacing=(4.0, 2.0, 2.0), window=(-1200.0, 600.0), size_mm=(None, 300.0, 300.0)),
+        XrayPreprocess(short_side=None, spacing=(1.0, 1.0), percentiles=(1.0, 99.0)),
+    )
+    encoder.save_pretrained(tmp_path / "enc")
+    copied = shutil.copytree(tmp_path / "enc", tmp_path / "elsewhere")
+    loaded = Encoder.from_pretrained(copied)
+    assert loaded.preprocess == encoder.preprocess
+    volume = Image(torch.randn(8, 12, 12) * 500, (8.0, 4.0, 4.0), "CT")
+    assert loaded.preprocess(volume).spacing == (4.0, 2.0, 2.0)
+    encoder.preprocess = "ct 1.5 mm"
+    with pytest.raises(TypeError, match="preprocess"):
+        encoder.save_pretrained(tmp_path / "bad")
+
+
+def test_an_encoder_directory_without_recorded_preprocessing_loads_with_the_defaults_and_a_warning(tmp_path):
+    tiny_encoder().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "preprocess"}))
+    with pytest.warns(MissingPreprocessWarning, match="config.json.*default"):
+        loaded = Encoder.from_pretrained(tmp_path)
+    assert loaded.preprocess == ModalityPreprocess()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "preprocess": {"ct": config["preprocess"]["ct"]}}))
+    with pytest.raises(CheckpointError, match="config.json.*preprocess.*missing \\['xray'\\]"):
+        Encoder.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_accepts_the_config_or_weights_file_of_the_directory(tmp_path):
+    encoder = tiny_encoder()
+    encoder.save_pretrained(tmp_path / "enc")
+    for path in (tmp_path / "enc" / "config.json", tmp_path / "enc" / "model.safetensors"):
+        loaded = Encoder.from_pretrained(path)
+        assert torch.equal(loaded.cls_token, encoder.cls_token)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="notes.txt.*directory save_pretrained wrote"):
+        Encoder.from_pretrained(tmp_path / "notes.txt")
+
+
+def test_a_config_missing_a_field_names_it_instead_of_blaming_the_weights(tmp_path):
+    tiny_encoder().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["embed_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json.*missing required keys \\['embed_dim'\\]"):
+        Encoder.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="missing required keys \\['depth', 'mlp'\\]"):
+        EncoderConfig.from_dict({k: v for k, v in EncoderConfig().to_dict().items() if k not in ("depth", "mlp")})
 
 
 # --------------------------------------------------------------------------------------------------

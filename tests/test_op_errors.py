@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md ("Bad input, for every op") and csrc/checks.h raises a Python exception
+"""Every bad input of docs/design.md ("Bad input, for every op") and csrc/checks.h raises a Python exception
 whose message names the argument: through the compiled CPU kernels, the public functions and the
 reference fallback."""
 

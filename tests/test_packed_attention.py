@@ -1,5 +1,5 @@
 """packed_attention's compiled CPU kernels against the reference of mmv.ops.reference, and the
-properties block-diagonal attention must have (DESIGN.md, "Op: packed_attention")."""
+properties block-diagonal attention must have (docs/design.md, "Op: packed_attention")."""
 
 from __future__ import annotations
 

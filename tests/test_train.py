@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import re
+import warnings
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
 from mmv.pretrain_data import modality_preprocess
 from mmv.train import Trainer
-from mmv.train_config import PretrainConfig, apply_overrides, load_config
+from mmv.train_config import ModelConfig, OptimConfig, PretrainConfig, RunSettings, apply_overrides, load_config
 
 from train_helpers import SyntheticImages, tiny_config
 
@@ -62,6 +64,48 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=abc", "optim.lr must be a number, got 'abc'"),
+        ("optim.steps=true", "optim.steps must be an integer, got True"),
+        ("run.seed=1.5", "run.seed must be an integer, got 1.5"),
+        ('data.ct_spacing=[1.5, "a", 1.5]', "data.ct_spacing must be a list of 3 numbers"),
+        ("augment.global_size_2d=[224]", "augment.global_size_2d must be a list of 2 integers, got [224]"),
+        ("augment.flip_axes=[1]", "augment.flip_axes must be a list of strings"),
+        ("data.sources=3", "data.sources must be a list of tables, got 3"),
+        ("optim.clip_grad=off", 'optim.clip_grad must be a number or "none"'),
+        ("run.progress=1", "run.progress must be true or false, got 1"),
+        ('model.options.embed_dim="abc"', "model.options: EncoderConfig: embed_dim must be an int"),
+    ],
+)
+def test_every_config_field_is_type_checked_when_the_config_is_built(override, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_config_values_are_normalised_and_checked_on_direct_construction():
+    config = load_config(None, ["optim.lr=1", "optim.clip_grad=none", "data.ct_spacing=[2, 2, 2]"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float) and config.optim.clip_grad is None
+    assert config.data.ct_spacing == (2.0, 2.0, 2.0)
+    with pytest.raises(TypeError, match="optim.warmup_steps must be an integer"):
+        OptimConfig(warmup_steps="10")
+    with pytest.raises(ValueError, match="model.preset must be one of"):
+        ModelConfig(preset="vit_huge")
+    with pytest.raises(ValueError, match="run.bf16 must be true, false or 'auto'"):
+        RunSettings(bf16="yes")
+
+
+def test_a_warmup_longer_than_the_run_is_flagged_naming_both_keys():
+    with pytest.warns(UserWarning, match=re.escape("optim.warmup_steps (100) is longer than the run (optim.steps = 50)")):
+        load_config(None, ["optim.steps=50", "ssl.teacher_temperature_warmup_steps=10"])
+    with pytest.warns(UserWarning, match=re.escape("ssl.teacher_temperature_warmup_steps (300) is longer than the run")):
+        load_config(None, ["optim.steps=200"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["optim.steps=300"])
+
+
 def test_checkpoints_keep_the_last_k_and_refuse_corrupt_files(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, {"step": step, "weights": torch.ones(2) * step}, keep=2)
@@ -75,7 +119,8 @@ def test_checkpoints_keep_the_last_k_and_refuse_corrupt_files(tmp_path):
 
 
 def test_a_run_writes_metrics_plot_checkpoints_and_encoder(tmp_path):
-    history = Trainer(tiny_config(tmp_path, steps=4), dataset=SyntheticImages()).train()
+    config = tiny_config(tmp_path, steps=4)
+    history = Trainer(config, dataset=SyntheticImages()).train()
     assert [record["step"] for record in history] == [1, 2, 3, 4]
     assert all(record["tokens"] > 0 for record in history)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +130,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_encoder(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt", "step_00000004.pt"]
     encoder = Encoder.from_pretrained(tmp_path / "encoder")
     assert encoder.config.embed_dim == 32
+    assert encoder.preprocess == modality_preprocess(config.data)  # the run's preprocessing travels with it
 
 
 def test_resumed_run_continues_with_the_same_losses(tmp_path):

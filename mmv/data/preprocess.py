@@ -4,13 +4,18 @@ Every function takes and returns an ``mmv.Image`` (2D ``[H, W]`` or 3D ``[D, H, 
 (z, y, x) order) and never changes the orientation. :class:`CtPreprocess` and :class:`XrayPreprocess`
 chain them into the two standard pipelines and can predict their output shape from the input shape and
 spacing alone, which is what token-budget batching needs before any pixel is read.
+:class:`ModalityPreprocess` applies one or the other by the image's dimension, for data sets that mix both.
+
+The ``DEFAULT_*`` constants are the one place that defines the default preprocessing: the pipelines' own
+defaults and the pretraining config's (:class:`mmv.train_config.DataConfig`) are taken from them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +32,19 @@ __all__ = [
     "crop_or_pad",
     "CtPreprocess",
     "XrayPreprocess",
+    "ModalityPreprocess",
+    "DEFAULT_CT_SPACING",
+    "DEFAULT_CT_WINDOW",
+    "DEFAULT_XRAY_SHORT_SIDE",
+    "DEFAULT_XRAY_PERCENTILES",
 ]
 
+# The default preprocessing. CT: 1.5 mm isotropic voxels (a vit_small volume of a 350 mm chest is then
+# about 15k tokens) and [-1000, 1000] HU; X-rays: 512 pixels on the short side, 0.5-99.5 % intensities.
+DEFAULT_CT_SPACING = (1.5, 1.5, 1.5)
+DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
+DEFAULT_XRAY_SHORT_SIDE = 512
+DEFAULT_XRAY_PERCENTILES = (0.5, 99.5)
 # The largest image any function here will make: 2^31 voxels (8 GiB of float32), beyond the finest
 # whole-body CT. A larger result comes from a wrong spacing (metres read as millimetres, say) and is
 # refused before anything is allocated.
@@ -264,8 +280,9 @@ def crop_or_pad(image: Image, size_mm: float | Sequence[float | None], fill: flo
 class CtPreprocess:
     """The CT pipeline: window (HU to [-1, 1], NaN to air), trilinear resampling, optional crop/pad with air.
 
-    The defaults follow common chest-CT practice: [-1000, 1000] HU and 1.5 x 0.75 x 0.75 mm (z, y, x).
-    Windowing comes first so that NaN voxels and extreme values never bleed into their neighbours.
+    The defaults are :data:`DEFAULT_CT_WINDOW` ([-1000, 1000] HU) and :data:`DEFAULT_CT_SPACING` (1.5 mm
+    isotropic), those of pretraining. Windowing comes first so that NaN voxels and extreme values never
+    bleed into their neighbours.
 
     Attributes:
         spacing: target voxel size in mm, (z, y, x).
@@ -273,8 +290,8 @@ class CtPreprocess:
         size_mm: physical extent to crop/pad to, per axis, or None for no crop/pad.
     """
 
-    spacing: tuple[float, float, float] = (1.5, 0.75, 0.75)
-    window: tuple[float, float] = (-1000.0, 1000.0)
+    spacing: tuple[float, float, float] = DEFAULT_CT_SPACING
+    window: tuple[float, float] = DEFAULT_CT_WINDOW
     size_mm: tuple[float | None, float | None, float | None] | None = None
 
     def __post_init__(self) -> None:
@@ -307,15 +324,17 @@ class CtPreprocess:
 class XrayPreprocess:
     """The X-ray pipeline: anti-aliased resize (short side or spacing), then robust percentile normalisation.
 
+    The defaults are :data:`DEFAULT_XRAY_SHORT_SIDE` (512 pixels) and :data:`DEFAULT_XRAY_PERCENTILES`.
+
     Attributes:
         short_side: pixels on the short side after resizing (exclusive with ``spacing``).
         spacing: target pixel size in mm, (y, x) or one value (exclusive with ``short_side``).
         percentiles: intensity percentiles mapped to -1 and 1.
     """
 
-    short_side: int | None = 512
+    short_side: int | None = DEFAULT_XRAY_SHORT_SIDE
     spacing: tuple[float, float] | None = None
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] = DEFAULT_XRAY_PERCENTILES
 
     def __post_init__(self) -> None:
         if self.spacing is not None:
@@ -334,3 +353,70 @@ class XrayPreprocess:
         """Shape of the result for an input of ``shape`` and ``spacing``, without touching pixels."""
         target = _xray_target(shape, spacing, self.short_side, self.spacing)
         return resampled_shape(shape, spacing, target)[0]
+
+
+@dataclass(frozen=True)
+class ModalityPreprocess:
+    """Preprocess volumes with ``ct`` and 2D images with ``xray``: the transform of a data set mixing both.
+
+    It predicts output shapes like both (``output_shape``), so token-budget batching works on mixed data,
+    and :meth:`to_dict` / :meth:`from_dict` give its JSON form, which :meth:`mmv.Encoder.save_pretrained`
+    stores beside the weights. ``ModalityPreprocess()`` is the default preprocessing.
+
+    Attributes:
+        ct: the pipeline of 3D images.
+        xray: the pipeline of 2D images.
+    """
+
+    ct: CtPreprocess = field(default_factory=CtPreprocess)
+    xray: XrayPreprocess = field(default_factory=XrayPreprocess)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ct, CtPreprocess):
+            raise TypeError(f"ct must be a CtPreprocess, got {type(self.ct).__name__}")
+        if not isinstance(self.xray, XrayPreprocess):
+            raise TypeError(f"xray must be an XrayPreprocess, got {type(self.xray).__name__}")
+
+    def __call__(self, image: Image) -> Image:
+        return self.ct(image) if image.is_3d else self.xray(image)
+
+    def output_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, ...]:
+        """Shape of the result for an input of ``shape`` and ``spacing``, without touching pixels."""
+        return (self.ct if len(shape) == 3 else self.xray).output_shape(shape, spacing)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values: ``{"ct": {...}, "xray": {...}}`` with every field of both pipelines."""
+        return {name: _json_fields(getattr(self, name)) for name in _PIPELINES}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModalityPreprocess:
+        """The preprocessing from :meth:`to_dict`'s output; a missing or unknown key raises ValueError naming it."""
+        _check_keys(values, _PIPELINES, "preprocess")
+        return cls(**{
+            name: _pipeline_from_dict(values[name], kind, f"preprocess.{name}") for name, kind in _PIPELINES.items()
+        })
+
+
+_PIPELINES = {"ct": CtPreprocess, "xray": XrayPreprocess}
+
+
+def _json_fields(pipeline) -> dict[str, Any]:
+    def plain(value):
+        return [plain(item) for item in value] if isinstance(value, tuple) else value
+
+    return {f.name: plain(getattr(pipeline, f.name)) for f in fields(pipeline)}
+
+
+def _check_keys(values: Any, expected: Sequence[str], name: str) -> None:
+    if not isinstance(values, dict):
+        raise TypeError(f"{name} must be a JSON object, got {type(values).__name__}")
+    missing = sorted(set(expected) - set(values))
+    unknown = sorted(set(values) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"{name} must have exactly the keys {sorted(expected)}: missing {missing}, unknown {unknown}")
+
+
+def _pipeline_from_dict(values: Any, kind: type, name: str):
+    _check_keys(values, [f.name for f in fields(kind)], name)
+    # JSON has arrays, not tuples.
+    return kind(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})

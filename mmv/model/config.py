@@ -118,13 +118,20 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
-        """The config from :meth:`to_dict`'s output; unknown keys raise ValueError naming them."""
+        """The config from :meth:`to_dict`'s output: every field, no other key.
+
+        A missing or unknown key raises ValueError naming it: a missing field is never filled with its
+        default, which would build a different model than the one the values describe.
+        """
         if not isinstance(values, dict):
             raise TypeError(f"EncoderConfig.from_dict: values must be a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"EncoderConfig.from_dict: unknown keys {unknown}")
+        missing = [name for name in known if name not in values]
+        if missing:
+            raise ValueError(f"EncoderConfig.from_dict: missing required keys {missing}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
 
