@@ -15,7 +15,9 @@ __all__ = ["Image", "is_meta_tensor"]
 def is_meta_tensor(value: Any) -> bool:
     """True for a tensor carrying an affine and a metadata dict, as MONAI's MetaTensor does (checked by
     these attributes, so that mmv never imports MONAI)."""
-    return isinstance(value, torch.Tensor) and hasattr(value, "affine") and isinstance(getattr(value, "meta", None), dict)
+    return (
+        isinstance(value, torch.Tensor) and hasattr(value, "affine") and isinstance(getattr(value, "meta", None), dict)
+    )
 
 
 @dataclass

@@ -57,7 +57,10 @@ def image_from_meta_tensor(tensor: torch.Tensor, name: str = "image") -> Image:
         pixels = pixels[0]
     if pixels.dim() != spatial_dims:
         axes = ", ".join("XYZ"[:spatial_dims])
-        raise ValueError(f"{name}: MetaTensor of shape {shape} does not fit its {spatial_dims} spatial axes: expected [1, {axes}] or [{axes}]")
+        raise ValueError(
+            f"{name}: MetaTensor of shape {shape} does not fit its {spatial_dims} spatial axes: expected "
+            f"[1, {axes}] or [{axes}]"
+        )
     if spatial_dims == 3 and pixels.shape[2] == 1:
         pixels, spatial_dims = pixels[:, :, 0], 2
     columns = affine[:spatial_dims, :spatial_dims] if spatial_dims == 3 else affine[:3, :2]

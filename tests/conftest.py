@@ -177,13 +177,17 @@ def non_finite_attention_problems(draw, dtype_strategy=dtypes, head_dim_strategy
     if num_tokens:
         for _ in range(draw(st.integers(1, 3))):
             target = draw(st.sampled_from((q, k, v)))
-            index = (draw(st.integers(0, num_tokens - 1)), draw(st.integers(0, num_heads - 1)), draw(st.integers(0, head_dim - 1)))
-            target[index] = draw(st.sampled_from(NON_FINITE_VALUES))
+            token, head = draw(st.integers(0, num_tokens - 1)), draw(st.integers(0, num_heads - 1))
+            target[token, head, draw(st.integers(0, head_dim - 1))] = draw(st.sampled_from(NON_FINITE_VALUES))
     return q, k, v, lengths, scale
 
 
 def assert_same_non_finite(
-    actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance, what: str, may_be_nan: torch.Tensor | None = None
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tolerance: Tolerance,
+    what: str,
+    may_be_nan: torch.Tensor | None = None,
 ) -> None:
     """``actual`` is NaN, +inf and -inf exactly where ``expected`` is, and its finite elements match under
     ``tolerance``. Where the boolean ``may_be_nan`` (broadcast to the shape) is set, ``actual`` may also be

@@ -153,7 +153,8 @@ def test_non_finite_inputs_propagate_as_in_the_reference(problem, seed, determin
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_a_nan_poisons_what_it_touches_in_its_sequence_and_head(where):
     lengths = [5, 15]
-    q, k, v = (on_cuda(t) for t in make_token_head_tensors(3, 20, 2, 64, torch.bfloat16, "contiguous", generator_from(7)))
+    tensors = make_token_head_tensors(3, 20, 2, 64, torch.bfloat16, "contiguous", generator_from(7))
+    q, k, v = (on_cuda(t) for t in tensors)
     {"q": q, "k": k, "v": v}[where][0, 0, 0] = float("nan")
     check_non_finite_against_reference(q, k, v, lengths, None, 8)
 

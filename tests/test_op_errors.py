@@ -105,7 +105,9 @@ ROPE_BAD_INPUTS = [
     BadInput("sections_beyond_head_dim", replaced(sections=lambda a: [2, 2, 1]), ValueError, "sections"),
     # Sums that overflow int64 once wrapped to a small number and reached a C++ allocation.
     BadInput("sections_sum_overflows", replaced(sections=lambda a: [2**63 - 1, 1, 0]), ValueError, "sections"),
-    BadInput("sections_sum_wraps_to_zero", replaced(sections=lambda a: [2**62, 2**62, 2**63 - 1]), ValueError, "sections"),
+    BadInput(
+        "sections_sum_wraps_to_zero", replaced(sections=lambda a: [2**62, 2**62, 2**63 - 1]), ValueError, "sections"
+    ),
     BadInput("sections_huge", replaced(sections=lambda a: [2**63 - 1, 0, 0]), ValueError, "sections"),
 ]
 

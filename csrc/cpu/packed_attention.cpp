@@ -483,8 +483,8 @@ void backward_tiled(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                                   q_cols_packed.at(h, gq), s.scores_t.data(), kBlock, false);
             gemm_panel<compute_t>(keys, query_span, padded_dim, v_rows.at(h, gk), padded_dim,
                                   do_cols_packed.at(h, gq), s.dprobs_t.data(), kBlock, false);
-            backward_step_any(s.scores_t.data(), s.dprobs_t.data(), keys, queries, query_span, scale_log2, s.lse_tile.data(),
-                              s.delta_tile.data(), s.probs_t.data(), s.dscores_t.data());
+            backward_step_any(s.scores_t.data(), s.dprobs_t.data(), keys, queries, query_span, scale_log2,
+                              s.lse_tile.data(), s.delta_tile.data(), s.probs_t.data(), s.dscores_t.data());
             gemm_panel<compute_t>(keys, padded_dim, query_span, s.probs_t.data(), kBlock, do_rows_packed.at(h, gq),
                                   s.dv_acc.data(), padded_dim, true);
             gemm_panel<compute_t>(keys, padded_dim, query_span, s.dscores_t.data(), kBlock,
