@@ -29,6 +29,7 @@ from mmv.files import atomic_write
 __all__ = [
     "CheckpointError",
     "CHECKSUM_KEY",
+    "TRAINING_CHECKPOINT_FORMAT",
     "content_digest",
     "parse_json_config",
     "save_checkpoint",
@@ -43,6 +44,9 @@ __all__ = [
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 CHECKSUM_KEY = "sha256"
+
+# The "format" entry of the state a pretraining run saves (mmv.train) and mmv embed reads.
+TRAINING_CHECKPOINT_FORMAT = "mmv-pretrain-checkpoint"
 
 # A config.json is a few hundred bytes; anything near this size is not one, and is not read whole.
 MAX_CONFIG_BYTES = 1 << 20

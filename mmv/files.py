@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "check_writable", "fsync_directory"]
+__all__ = ["TEMPORARY_SUFFIX", "atomic_write", "check_writable", "fsync_directory"]
 
 TEMPORARY_SUFFIX = ".tmp"
 

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmv.checkpoint import (
+    TRAINING_CHECKPOINT_FORMAT,
     CheckpointError,
     capture_rng_state,
     check_rng_state,
@@ -66,8 +67,6 @@ from mmv.train_config import PretrainConfig
 __all__ = ["SslStudent", "SslObjective", "Trainer", "pretrain", "build_multicrop", "plot_losses", "read_metrics"]
 
 LOSS_NAMES = ("loss", "dino", "ibot", "koleo")
-
-CHECKPOINT_FORMAT = "mmv-pretrain-checkpoint"
 
 
 class SslStudent(nn.Module):
@@ -334,7 +333,7 @@ class Trainer:
         else:
             rng = [rng]
         return {
-            "format": CHECKPOINT_FORMAT,
+            "format": TRAINING_CHECKPOINT_FORMAT,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -366,21 +365,26 @@ class Trainer:
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         """Check that ``state`` fits this run, then load it; CheckpointError naming ``path`` if it does not."""
-        self._check_state(path, state)
         try:
+            self._check_state(path, state)
             self.student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
             self.objective.load_state_dict(state["objective"])
             self.optimizer.load_state_dict(state["optimizer"])
             restore_rng_state(state["rng"][self.rank])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:  # what the checks cannot foresee
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:  # unforeseen damage
             raise CheckpointError(path, f"cannot restore the run from it ({type(error).__name__}: {error})") from error
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
 
     def _check_state(self, path: Path, state: dict[str, Any]) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(path, f"not an mmv pretraining checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-        missing = [key for key in ("step", "epoch", "batch_in_epoch", "student", "teacher", "objective", "optimizer", "rng") if key not in state]
+        if state.get("format") != TRAINING_CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
+            )
+        required = ("step", "epoch", "batch_in_epoch", "student", "teacher", "objective", "optimizer", "rng")
+        missing = [key for key in required if key not in state]
         if missing:
             raise CheckpointError(path, f"the checkpoint lacks {missing}")
         for key in ("step", "epoch", "batch_in_epoch"):
@@ -398,7 +402,9 @@ class Trainer:
         rng_states = state["rng"]
         if not isinstance(rng_states, list) or len(rng_states) != self.world_size:
             count = len(rng_states) if isinstance(rng_states, list) else "no list of"
-            raise CheckpointError(path, f"the checkpoint holds random states of {count} processes, this run has {self.world_size}")
+            raise CheckpointError(
+                path, f"the checkpoint holds random states of {count} processes, this run has {self.world_size}"
+            )
         try:
             check_rng_state(rng_states[self.rank])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
@@ -406,14 +412,13 @@ class Trainer:
 
     def _check_optimizer_state(self, path: Path, saved: Any) -> None:
         """The saved AdamW state must have this optimiser's groups, and tensors shaped like their parameters."""
-        if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(saved.get("param_groups"), list):
+        if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)):
             raise CheckpointError(path, "'optimizer' must be an optimiser state (a dict of 'state' and 'param_groups')")
         groups = self.optimizer.param_groups
         saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved["param_groups"]]
-        if saved_sizes != [len(g["params"]) for g in groups]:
-            raise CheckpointError(
-                path, f"the optimiser state has groups of {saved_sizes} parameters, this run's optimiser {[len(g['params']) for g in groups]}"
-            )
+        sizes = [len(g["params"]) for g in groups]
+        if saved_sizes != sizes:
+            raise CheckpointError(path, f"the optimiser state has groups of {saved_sizes} parameters, this run's optimiser {sizes}")
         parameters = {}
         for saved_group, group in zip(saved["param_groups"], groups):
             parameters.update(zip(saved_group["params"], group["params"]))
@@ -424,7 +429,8 @@ class Trainer:
             for name, value in values.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shape:
                     raise CheckpointError(
-                        path, f"optimiser state {name!r} of parameter {index} has shape {tuple(value.shape)}, the parameter {shape}"
+                        path,
+                        f"optimiser state {name!r} of parameter {index} has shape {tuple(value.shape)}, the parameter {shape}",
                     )
 
     def _save(self) -> None:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import latest_checkpoint, load_checkpoint, parse_json_config
+from mmv.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
 from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
@@ -99,7 +99,6 @@ RUN_FILE = "embed.json"
 PARTIAL_DIR = "partial"
 RUN_FORMAT = "mmv-embed"
 RUN_VERSION = 1
-TRAINING_CHECKPOINT_FORMAT = "mmv-pretrain-checkpoint"
 # Where the trainer keeps the EMA teacher's encoder inside a training checkpoint.
 TEACHER_ENCODER_PREFIX = "module.encoder."
 
