@@ -75,7 +75,7 @@ def parse_json_config(text: str | bytes, path: str | os.PathLike) -> dict[str, A
             parser, or JSON that is not an object.
     """
     if len(text) > MAX_CONFIG_BYTES:
-        raise CheckpointError(path, f"the config is {len(text)} bytes, more than a config can be ({MAX_CONFIG_BYTES})")
+        raise CheckpointError(path, f"the config is over {MAX_CONFIG_BYTES} bytes, more than a config can be")
     try:
         config = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
