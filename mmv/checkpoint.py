@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmv.files import atomic_write
+from mmv.files import TEMPORARY_SUFFIX, atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -106,7 +106,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     """Write ``state`` with its checksum as the checkpoint of ``step`` and delete all but the newest ``keep``.
 
     The file is written under a temporary name, fsynced and renamed into place, so a run killed while
-    saving (or a power loss) leaves the previous checkpoints intact and never a half-written one.
+    saving (or a power loss) leaves the previous checkpoints intact and never a half-written one; the
+    temporary file such a kill leaves is removed by the next save (one run writes a directory).
 
     Raises:
         OSError: "no space left on <directory>" for a full disk, or the file system's error.
@@ -121,6 +122,9 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
+    # One run writes a checkpoint directory, so a temporary file found now was left by a killed save.
+    for stale in directory.glob(f"step_*.pt.*{TEMPORARY_SUFFIX}"):
+        stale.unlink(missing_ok=True)
     checksummed = {**state, CHECKSUM_KEY: content_digest(state)}
     atomic_write(path, lambda stream: torch.save(checksummed, stream))
     for old in list_checkpoints(directory)[:-keep]:

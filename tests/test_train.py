@@ -6,8 +6,13 @@ import io
 import json
 import os
 import re
+import signal
 import stat
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,6 +273,12 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
     assert torch.equal(load_checkpoint(previous)["weights"], torch.ones(3))
 
 
+def test_the_temporary_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path):
+    (tmp_path / "step_00000001.pt.4321.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path, 2, {"weights": torch.ones(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002.pt"]
+
+
 def test_checkpoints_are_fsynced_and_so_is_their_directory_after_the_rename(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
@@ -279,3 +290,38 @@ def test_checkpoints_are_fsynced_and_so_is_their_directory_after_the_rename(tmp_
     monkeypatch.setattr(os, "fsync", recording)
     save_checkpoint(tmp_path, 1, {"weights": torch.ones(3)})
     assert synced == ["file", "directory"]
+
+
+KILLED_WORKER = """
+import sys
+from train_helpers import SyntheticImages, tiny_config
+from mmv.train import Trainer
+
+Trainer(tiny_config(sys.argv[1], steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages()).train()
+"""
+
+
+def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path, uninterrupted_history):
+    script = tmp_path / "worker.py"
+    script.write_text(KILLED_WORKER)
+    out = tmp_path / "run"
+    tests = Path(__file__).resolve().parent
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), environment.get("PYTHONPATH", "")])
+    worker = subprocess.Popen([sys.executable, str(script), str(out)], env=environment, stderr=subprocess.PIPE)
+    try:
+        # Killed once step 3 is logged: in step 4's forward pass, or while checkpoint 3 or 4 is being written.
+        metrics = out / "metrics.jsonl"
+        while worker.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.01)
+        assert worker.poll() is None, worker.stderr.read().decode()[-4000:]
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    trainer = Trainer(tiny_config(out, steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages(), resume=True)
+    assert trainer.step >= 2
+    trainer.train()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert _losses(records) == _losses(uninterrupted_history)
+    assert not list((out / "checkpoints").glob("*.tmp"))
