@@ -426,6 +426,93 @@ def test_a_config_missing_a_field_names_it_instead_of_blaming_the_weights(tmp_pa
         EncoderConfig.from_dict({k: v for k, v in EncoderConfig().to_dict().items() if k not in ("depth", "mlp")})
 
 
+def test_every_size_is_bounded_and_the_presets_fit():
+    for name in ("vit_tiny", "vit_small", "vit_base", "vit_large"):
+        EncoderConfig.from_preset(name)
+    EncoderConfig(embed_dim=16384, num_heads=64, depth=1, mlp_ratio=1.0, num_registers=1024)
+    EncoderConfig(embed_dim=64, num_heads=1, depth=512, mlp_ratio=64.0, patch_size=(1, 512, 512))
+    for overrides, field in [
+        ({"depth": 513}, "depth"),
+        ({"embed_dim": 2**20, "num_heads": 2**13}, "embed_dim"),
+        ({"num_registers": 1025}, "num_registers"),
+        ({"mlp_ratio": 64.5}, "mlp_ratio"),
+        ({"patch_size": (1, 513, 16)}, "patch_size"),
+        ({"embed_dim": 16384, "num_heads": 64, "depth": 512}, "parameters"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            EncoderConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"depth": 10**7},
+        {"embed_dim": 2**20, "num_heads": 2**13},
+        {"num_registers": 10**9},
+        {"embed_dim": 8192, "num_heads": 32, "depth": 512},
+    ],
+)
+def test_an_oversized_config_raises_a_checkpoint_error_before_any_allocation(tmp_path, monkeypatch, hostile):
+    tiny_encoder().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **hostile}))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built from an unchecked config")
+
+    monkeypatch.setattr(Encoder, "__init__", no_model)
+    with pytest.raises(CheckpointError, match="config.json.*at most|config.json.*parameters") as error:
+        Encoder.from_pretrained(tmp_path)
+    assert error.value.path == str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"embed_dim": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+def test_a_deeply_nested_config_raises_a_checkpoint_error(tmp_path, text):
+    tiny_encoder().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match="config.json.*nested too deeply"):
+        Encoder.from_pretrained(tmp_path)
+
+
+def test_a_huge_config_file_is_not_read(tmp_path):
+    tiny_encoder().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"padding": "x" * (2 << 20)}))
+    with pytest.raises(CheckpointError, match="config.json.*more than a config can be"):
+        Encoder.from_pretrained(tmp_path)
+
+
+def test_one_checkpoint_error_class_for_training_checkpoints_and_encoder_directories(tmp_path):
+    import mmv
+    import mmv.checkpoint
+
+    assert mmv.CheckpointError is CheckpointError is mmv.checkpoint.CheckpointError
+    broken = tmp_path / "step_00000001.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(mmv.CheckpointError, match="step_00000001.pt"):
+        mmv.checkpoint.load_checkpoint(broken)
+
+
+def test_a_full_disk_while_saving_says_so_and_leaves_the_old_files(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    from mmv import files
+
+    encoder = tiny_encoder()
+    encoder.save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "open", lambda path, mode: FullDisk(path, mode), raising=False)
+    with pytest.raises(OSError, match=f"no space left on {tmp_path}") as error:
+        tiny_encoder(embed_dim=64).save_pretrained(tmp_path)
+    assert error.value.errno == errno.ENOSPC
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 

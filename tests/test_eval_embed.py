@@ -321,3 +321,24 @@ def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
     (tmp_path / "table" / "features.json").write_text("{}")
     with pytest.raises(FeatureTableError, match="did not write"):
         embed(tiny_encoder(), manifest, tmp_path / "table")
+
+
+@pytest.mark.parametrize(
+    "config_text",
+    [
+        json.dumps({"model": {"preset": "vit_tiny", "options": {"depth": 10**7}}, "data": {}}),
+        json.dumps({"model": {"preset": "vit_tiny", "options": {"num_registers": 10**9}}, "data": {}}),
+        "[" * 100_000 + "]" * 100_000,
+    ],
+)
+def test_a_hostile_run_config_in_a_training_checkpoint_raises_before_any_model_is_built(tmp_path, monkeypatch, config_text):
+    from mmv.checkpoint import save_checkpoint
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built from an unchecked config")
+
+    monkeypatch.setattr(Encoder, "__init__", no_model)
+    state = {"format": "mmv-pretrain-checkpoint", "teacher": {}, "config": config_text}
+    path = save_checkpoint(tmp_path, 1, state)
+    with pytest.raises(CheckpointError, match=f"{path}: .*(at most|nested too deeply)"):
+        load_encoder(path)

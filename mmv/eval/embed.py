@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import latest_checkpoint, load_checkpoint
+from mmv.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
 from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
@@ -103,7 +103,6 @@ RUN_FILE = "embed.json"
 PARTIAL_DIR = "partial"
 RUN_FORMAT = "mmv-embed"
 RUN_VERSION = 1
-TRAINING_CHECKPOINT_FORMAT = "mmv-pretrain-checkpoint"
 # Where the trainer keeps the EMA teacher's encoder inside a training checkpoint.
 TEACHER_ENCODER_PREFIX = "module.encoder."
 
@@ -314,7 +313,7 @@ def _run_config(path: Path) -> PretrainConfig | None:
         if not isinstance(values, dict) or "data" not in values or "model" not in values:
             return None
         return PretrainConfig.from_dict(values)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
         return None
 
 
@@ -334,9 +333,11 @@ def _load_training_checkpoint(path: Path) -> LoadedEncoder:
             path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
         )
     try:
-        config = PretrainConfig.from_dict(json.loads(state["config"]))
+        config = PretrainConfig.from_dict(parse_json_config(state["config"], path))
         encoder_config = config.model.encoder_config()
         preprocess = modality_preprocess(config.data)
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(path, f"its run config is unusable ({error})") from error
     weights = {
