@@ -21,6 +21,7 @@ from conftest import (
     cu_seqlens_of,
     generator_from,
     make_token_head_tensors,
+    non_finite_attention_problems,
     random_coords,
     seeds,
 )
@@ -36,7 +37,7 @@ from test_op_errors import (
     valid_attention_args,
     valid_rope_args,
 )
-from test_packed_attention import reference_float64, reference_gradients_float64
+from test_packed_attention import check_non_finite_against_reference, reference_float64, reference_gradients_float64
 from test_rope3d import rope_problems
 
 from mmv.ops import has_kernel, packed_attention, reference, rope3d, rope_freqs
@@ -93,6 +94,13 @@ plain_problems = st.one_of(
 )
 
 
+def cuda_non_finite_problems(dtype_strategy, head_dim_strategy):
+    """``non_finite_attention_problems`` with q, k, v on the GPU (layouts kept)."""
+    return non_finite_attention_problems(dtype_strategy, head_dim_strategy).map(
+        lambda problem: (*(on_cuda(t) for t in problem[:3]), *problem[3:])
+    )
+
+
 def check_against_reference(q, k, v, lengths, scale, seed, deterministic=False):
     cu_seqlens = cu_seqlens_of(lengths)
     grad_out = torch.randn(q.shape, generator=generator_from(seed)).to(q.dtype).cuda()
@@ -126,6 +134,29 @@ def test_tensor_core_path_matches_float64_reference(problem, seed, deterministic
 @given(problem=plain_problems, seed=seeds)
 def test_plain_path_matches_float64_reference(problem, seed):
     check_against_reference(*problem, seed)
+
+
+@OP_SETTINGS
+@given(
+    problem=st.one_of(
+        cuda_non_finite_problems(st.sampled_from(TENSOR_CORE_DTYPES), st.sampled_from(TENSOR_CORE_HEAD_DIMS)),
+        cuda_non_finite_problems(st.sampled_from([torch.float32, torch.float64]), st.integers(1, 256)),
+    ),
+    seed=seeds,
+    deterministic=st.booleans(),
+)
+def test_non_finite_inputs_propagate_as_in_the_reference(problem, seed, deterministic):
+    # Both paths: the tensor cores' online softmax (fmaxf skips a NaN score) and the plain kernel's.
+    check_non_finite_against_reference(*problem, seed, deterministic)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_nan_poisons_what_it_touches_in_its_sequence_and_head(where):
+    lengths = [5, 15]
+    tensors = make_token_head_tensors(3, 20, 2, 64, torch.bfloat16, "contiguous", generator_from(7))
+    q, k, v = (on_cuda(t) for t in tensors)
+    {"q": q, "k": k, "v": v}[where][0, 0, 0] = float("nan")
+    check_non_finite_against_reference(q, k, v, lengths, None, 8)
 
 
 @pytest.mark.parametrize(

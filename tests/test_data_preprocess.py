@@ -158,6 +158,39 @@ def test_xray_pipeline_predicts_its_shape():
         XrayPreprocess(short_side=256, spacing=(0.5, 0.5))
 
 
+def test_outputs_beyond_the_voxel_bound_are_refused_before_allocating():
+    # A spacing in metres read as mm once asked the allocator for hundreds of terabytes.
+    huge_spacing = Image(torch.zeros(100, 64, 64), (1e4, 1e4, 1e4), "CT")
+    for run in (
+        lambda: CtPreprocess()(huge_spacing),
+        lambda: CtPreprocess().output_shape(huge_spacing.shape, huge_spacing.spacing),
+        lambda: resample_to_spacing(Image(torch.zeros(64, 64), (1.0, 1.0)), 1e-5),
+        lambda: crop_or_pad(Image(torch.zeros(8, 8), (1.0, 1.0)), (1e6, 1e6)),
+        lambda: CtPreprocess(size_mm=(1e9, None, None))(Image(torch.zeros(4, 8, 8), (1.5, 0.75, 0.75))),
+    ):
+        with pytest.raises(ValueError, match="voxels, more than") as raised:
+            run()
+        assert "spacing" in str(raised.value) or "size_mm" in str(raised.value)
+    # The bound leaves real images alone: a 0.5 mm CT of 512 x 512 x 800 resampled to 0.5 mm.
+    assert CtPreprocess(spacing=(0.5, 0.5, 0.5)).output_shape((800, 512, 512), (0.5, 0.5, 0.5)) == (800, 512, 512)
+
+
+def test_xray_pipeline_refuses_images_too_small_to_resize():
+    # A 1 x 1 image once came out as 512 x 512 without a word.
+    for shape in ((1, 1), (15, 400), (400, 15)):
+        image = Image(torch.rand(shape), (0.2, 0.2), "DX")
+        for run in (
+            lambda: XrayPreprocess()(image),
+            lambda: XrayPreprocess().output_shape(image.shape, image.spacing),
+            lambda: XrayPreprocess(short_side=None, spacing=(0.5, 0.5))(image),
+            lambda: resize_xray(image, short_side=512),
+        ):
+            with pytest.raises(ValueError, match=r"image must have at least 16 pixels per side") as raised:
+                run()
+            assert str(shape) in str(raised.value)
+    assert XrayPreprocess(short_side=32)(Image(torch.rand(16, 20), (0.2, 0.2))).shape == (32, 40)
+
+
 def test_resample_rejects_bad_spacing():
     image = Image(np.zeros((3, 3), dtype=np.float32), (1.0, 1.0))
     with pytest.raises(ValueError, match="target_spacing"):

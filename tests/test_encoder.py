@@ -137,6 +137,23 @@ def test_a_2d_image_equals_the_image_repeated_pz_times_as_a_one_token_deep_volum
     close(flat.patch_tokens, deep.patch_tokens, atol=1e-4)
 
 
+def test_a_channel_first_2d_array_is_the_2d_image():
+    # [1, H, W] once took the 3D path and gave another CLS than [H, W].
+    encoder = tiny_encoder()
+    image = torch.randn(16, 24, generator=torch.Generator().manual_seed(7))
+    flat, channel_first = encoder([image]), encoder([image[None]])
+    assert not channel_first.batch.is_3d[0]
+    torch.testing.assert_close(channel_first.cls, flat.cls, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (32, 32, 3), (32, 32, 1), (4, 32, 32), (1, 3, 32, 32), (1, 1, 32, 32)])
+def test_arrays_that_may_be_colour_images_raise_naming_the_input_and_shape(shape):
+    # (H, W, 3) and (3, H, W) were once encoded as volumes of 32 or 3 slices.
+    with pytest.raises(ValueError, match="ambiguous") as raised:
+        tiny_encoder()([torch.zeros(16, 16), torch.zeros(shape)])
+    assert "inputs[1]" in str(raised.value) and str(shape) in str(raised.value)
+
+
 def test_physical_spacing_changes_the_encoding():
     encoder = tiny_encoder()
     image = torch.randn(16, 24, generator=torch.Generator().manual_seed(6))

@@ -45,6 +45,13 @@ DEFAULT_CT_SPACING = (1.5, 1.5, 1.5)
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 DEFAULT_XRAY_SHORT_SIDE = 512
 DEFAULT_XRAY_PERCENTILES = (0.5, 99.5)
+# The largest image any function here will make: 2^31 voxels (8 GiB of float32), beyond the finest
+# whole-body CT. A larger result comes from a wrong spacing (metres read as millimetres, say) and is
+# refused before anything is allocated.
+MAX_OUTPUT_VOXELS = 1 << 31
+# The smallest radiograph the X-ray pipeline accepts, in pixels per side: a smaller one holds no
+# anatomy, and resizing it to a short side of hundreds of pixels would invent an image.
+MIN_XRAY_SIDE = 16
 
 # Percentiles are estimated from at most this many pixels taken on a regular stride: for the 0.5-99.5 %
 # range of a radiograph this changes them negligibly and keeps the cost independent of image size.
@@ -82,12 +89,35 @@ def _resample_factors(
     return tuple(factors), tuple(sizes), tuple(spacings)
 
 
+def _check_output_size(sizes: Sequence[int], what: str) -> None:
+    voxels = math.prod(sizes)
+    if voxels > MAX_OUTPUT_VOXELS:
+        raise ValueError(
+            f"{what} gives shape {tuple(sizes)} = {voxels} voxels, more than the {MAX_OUTPUT_VOXELS} "
+            f"allowed (MAX_OUTPUT_VOXELS); is the image's spacing in mm?"
+        )
+
+
+def _checked_resample(
+    shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[int, ...], tuple[float, ...]]:
+    """:func:`_resample_factors`, refusing outputs beyond ``MAX_OUTPUT_VOXELS``."""
+    factors, sizes, spacings = _resample_factors(shape, spacing, target)
+    what = (
+        f"resampling image of shape {tuple(shape)} and spacing {tuple(spacing)} mm to target_spacing "
+        f"{tuple(target)} mm"
+    )
+    _check_output_size(sizes, what)
+    return factors, sizes, spacings
+
+
 def resampled_shape(
     shape: Sequence[int], spacing: Sequence[float], target_spacing: float | Sequence[float]
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Shape and spacing that :func:`resample_to_spacing` gives for an image of ``shape`` and ``spacing``."""
+    """Shape and spacing that :func:`resample_to_spacing` gives for an image of ``shape`` and ``spacing``
+    (raising the same ValueError for an output beyond ``MAX_OUTPUT_VOXELS``)."""
     target = _target_spacing(target_spacing, len(shape), "target_spacing")
-    _, sizes, spacings = _resample_factors(shape, spacing, target)
+    _, sizes, spacings = _checked_resample(shape, spacing, target)
     return sizes, spacings
 
 
@@ -106,9 +136,13 @@ def resample_to_spacing(
         target_spacing: one value for all axes or one per axis, (z, y, x) order.
         antialias: low-pass filter when shrinking (2D only, as in torch's anti-aliased bilinear resize).
             Defaults to True for 2D images and False for volumes.
+
+    Raises:
+        ValueError: the output would have more than ``MAX_OUTPUT_VOXELS`` voxels (checked before any
+            allocation; usually a spacing in the wrong unit).
     """
     target = _target_spacing(target_spacing, image.pixels.dim(), "target_spacing")
-    factors, sizes, spacings = _resample_factors(image.shape, image.spacing, target)
+    factors, sizes, spacings = _checked_resample(image.shape, image.spacing, target)
     if sizes == image.shape:
         return Image(image.pixels, spacings, image.modality)
     if antialias is None:
@@ -168,6 +202,11 @@ def _xray_target(shape: Sequence[int], spacing: Sequence[float], short_side: int
         raise ValueError("give exactly one of short_side and spacing")
     if len(shape) != 2:
         raise ValueError(f"image must be 2D [H, W] for X-ray resizing, got shape {tuple(shape)}")
+    if min(shape) < MIN_XRAY_SIDE:
+        raise ValueError(
+            f"image must have at least {MIN_XRAY_SIDE} pixels per side (MIN_XRAY_SIDE) to be resized as an "
+            f"X-ray, got shape {tuple(shape)}"
+        )
     if target_spacing is not None:
         return _target_spacing(target_spacing, 2, "spacing")
     if isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 1:
@@ -178,7 +217,11 @@ def _xray_target(shape: Sequence[int], spacing: Sequence[float], short_side: int
 
 
 def resize_xray(image: Image, short_side: int | None = None, spacing: float | Sequence[float] | None = None) -> Image:
-    """Resize a 2D image (bilinear, anti-aliased) to a short side in pixels or to a pixel spacing in mm."""
+    """Resize a 2D image (bilinear, anti-aliased) to a short side in pixels or to a pixel spacing in mm.
+
+    The image needs at least ``MIN_XRAY_SIDE`` pixels per side, and the output at most
+    ``MAX_OUTPUT_VOXELS`` pixels; either is a ValueError raised before anything is allocated.
+    """
     return resample_to_spacing(image, _xray_target(image.shape, image.spacing, short_side, spacing), antialias=True)
 
 
@@ -199,9 +242,15 @@ def _crop_sizes(shape: Sequence[int], spacing: Sequence[float], size_mm) -> tupl
     return tuple(sizes)
 
 
+def _checked_crop_sizes(shape: Sequence[int], spacing: Sequence[float], size_mm) -> tuple[int, ...]:
+    sizes = _crop_sizes(shape, spacing, size_mm)
+    _check_output_size(sizes, f"cropping or padding to size_mm {size_mm!r} at spacing {tuple(spacing)} mm")
+    return sizes
+
+
 def cropped_shape(shape: Sequence[int], spacing: Sequence[float], size_mm) -> tuple[int, ...]:
     """Shape that :func:`crop_or_pad` gives for an image of ``shape`` and ``spacing``."""
-    return _crop_sizes(shape, spacing, size_mm)
+    return _checked_crop_sizes(shape, spacing, size_mm)
 
 
 def crop_or_pad(image: Image, size_mm: float | Sequence[float | None], fill: float = 0.0) -> Image:
@@ -209,9 +258,9 @@ def crop_or_pad(image: Image, size_mm: float | Sequence[float | None], fill: flo
 
     The voxel count per axis is ``round(size_mm / spacing)``; padding uses ``fill`` (e.g. -1 after
     :func:`ct_window`, which is air). Where an odd number of voxels is removed or added, the extra one is
-    at the end of the axis.
+    at the end of the axis. An output beyond ``MAX_OUTPUT_VOXELS`` is a ValueError, raised before allocating.
     """
-    sizes = _crop_sizes(image.shape, image.spacing, size_mm)
+    sizes = _checked_crop_sizes(image.shape, image.spacing, size_mm)
     output = torch.full(sizes, float(fill), dtype=torch.float32)
     source, target = [], []
     for current, wanted in zip(image.shape, sizes, strict=True):
@@ -259,6 +308,7 @@ class CtPreprocess:
         """Preprocess one CT volume in HU."""
         if not image.is_3d:
             raise ValueError(f"image must be a 3D volume [D, H, W] for CtPreprocess, got shape {image.shape}")
+        self.output_shape(image.shape, image.spacing)  # sizes checked before the window allocates
         image = resample_to_spacing(ct_window(image, *self.window), self.spacing)
         if self.size_mm is not None:
             image = crop_or_pad(image, self.size_mm, fill=-1.0)
@@ -289,7 +339,7 @@ class XrayPreprocess:
     def __post_init__(self) -> None:
         if self.spacing is not None:
             object.__setattr__(self, "spacing", _target_spacing(self.spacing, 2, "spacing"))
-        _xray_target((1, 1), (1.0, 1.0), self.short_side, self.spacing)
+        _xray_target((MIN_XRAY_SIDE, MIN_XRAY_SIDE), (1.0, 1.0), self.short_side, self.spacing)
         low, high = (float(value) for value in self.percentiles)
         if not 0.0 <= low < high <= 100.0:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}")

@@ -81,8 +81,10 @@ class Encoder(nn.Module):
     Args:
         config: the hyperparameters; see :class:`EncoderConfig` and :meth:`from_preset`.
 
-    Call it on a list of :class:`mmv.Image` (or arrays, read with 1 mm spacing), or on a
-    :class:`PackedBatch` from a data loader; it returns an :class:`EncoderOutput`::
+    Call it on a list of :class:`mmv.Image`, MONAI MetaTensors (spacing and orientation from their
+    affine) or arrays (read with 1 mm spacing; the accepted layouts are those of
+    :func:`mmv.tokenizer.as_image`), or on a :class:`PackedBatch` from a data loader; it returns an
+    :class:`EncoderOutput`::
 
         enc = Encoder.from_preset("vit_small")
         out = enc([Image(xray, (0.2, 0.2)), Image(ct, (1.5, 1.0, 1.0))])
@@ -181,7 +183,9 @@ class Encoder(nn.Module):
 
         Args:
             inputs: a :class:`PackedBatch` whose patch size is ``config.patch_size``, or a list of
-                :class:`mmv.Image` / arrays (tokenised here, without dropping any token).
+                :class:`mmv.Image` / MONAI MetaTensors / arrays (tokenised here, without dropping any
+                token; see :func:`mmv.tokenizer.as_image`). An ambiguous array layout raises a ValueError
+                naming ``inputs[i]`` and its shape.
             token_mask: optional bool ``(T,)`` over the packed patch tokens; True replaces a token's
                 embedding by the learned mask token (masked image modelling).
 
@@ -220,7 +224,8 @@ class Encoder(nn.Module):
             batch = pack([self.tokenizer(image) for image in images])
         else:
             raise TypeError(
-                f"Encoder: inputs must be a PackedBatch or a list of mmv.Image / tensors, got {type(inputs).__name__}"
+                f"Encoder: inputs must be a PackedBatch or a list of mmv.Image / MetaTensors / tensors, got "
+                f"{type(inputs).__name__}"
             )
         if batch.device != device:
             batch = batch.to(device)
