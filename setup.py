@@ -64,7 +64,11 @@ def _extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to ask: build for the tensor-core generations the kernels target.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20"]
+    # No -std here: torch.utils.cpp_extension gives nvcc the standard it gives the C++ compiler (the one
+    # PyTorch was built with). Host code compiled under two standards links two differing copies of the
+    # same inline library functions: with PyTorch 2.11 (C++17) and nvcc at C++20, formatting an error
+    # message crashed the process.
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "mmv._C",
         sources + _sources("csrc/cuda/*.cu"),

@@ -1,6 +1,6 @@
 """Encoder throughput: packed sequences against the same weights run as a padded batch.
 
-Workload (DESIGN.md, the standard mixed batch): 24 chest X-rays of 224 x 224 px and 2 CT crops of
+Workload (docs/design.md, the standard mixed batch): 24 chest X-rays of 224 x 224 px and 2 CT crops of
 192^3 voxels, cut into 16-pixel patches: 24 sequences of 196 + 1 CLS tokens and 2 of 1728 + 1.
 
 - packed: ``mmv.Encoder`` as it is: one token stream, ``packed_attention`` within each image.

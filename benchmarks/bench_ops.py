@@ -1,6 +1,6 @@
 """mmv's two ops against what a PyTorch user would otherwise run, measured in the same process.
 
-Workloads (DESIGN.md): ``mixed``, the standard batch of 24 chest X-rays of 197 tokens and 2 CT crops of
+Workloads (docs/design.md): ``mixed``, the standard batch of 24 chest X-rays of 197 tokens and 2 CT crops of
 1729 tokens, and ``long``, 2 sequences of 4096 tokens; H = 6 heads of D = 64 channels.
 
 packed_attention, forward and forward + backward, against:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine (DESIGN.md, "Benchmarks and GPU checks"; benchmarks/GPU_CHECK.md says
+# The one script for a GPU machine (docs/design.md, "How the kernels are checked"; benchmarks/GPU_CHECK.md says
 # how to read its output). It prints the GPU, builds mmv in place for this GPU's architecture only with
-# every core, runs the CUDA tests, runs the GPU benchmark, and prints a short summary table last.
+# every core, runs the CUDA tests, a short end-to-end pass (benchmarks/gpu_e2e.py: the encoder against
+# the CPU, pretraining steps, mmv embed), the GPU benchmark, and prints a short summary table last.
 # Every stage has a time limit, so the script ends within 8 minutes even if one hangs; a stage that
 # fails is reported and the next one runs anyway. It installs nothing and needs no network: it uses
 # the machine's own python3 (with PyTorch), nvcc and ninja.
@@ -10,9 +11,9 @@
 #   GPU_CHECK_SANITIZE=1 bash benchmarks/gpu_check.sh   # adds a compute-sanitizer memcheck stage
 #   GPU_CHECK_SKIP_BUILD=1 bash benchmarks/gpu_check.sh # reuses the in-place build of an earlier run
 #
-# Output files (at most five, so that a remote run can hand them all back) go to $OUT if it is set,
+# Output files (at most six, so that a remote run can hand them all back) go to $OUT if it is set,
 # else benchmarks/out/gpu_check: gpu_check.log (every stage's full output), cuda_tests.xml (JUnit),
-# bench_gpu.json, bench_gpu.txt and summary.txt.
+# e2e.json, bench_gpu.json, bench_gpu.txt and summary.txt.
 
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,12 +23,13 @@ python=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# Stage limits in seconds: 25 + 180 + 115 + 130 = 450, under 8 minutes with the summary. The
+# Stage limits in seconds: 20 + 150 + 110 + 90 + 90 = 460, under 8 minutes with the summary. The
 # optional memcheck takes its minute from the benchmark.
-info_s=${GPU_CHECK_INFO_S:-25}
-build_s=${GPU_CHECK_BUILD_S:-180}
-tests_s=${GPU_CHECK_TESTS_S:-115}
-bench_s=${GPU_CHECK_BENCH_S:-130}
+info_s=${GPU_CHECK_INFO_S:-20}
+build_s=${GPU_CHECK_BUILD_S:-150}
+tests_s=${GPU_CHECK_TESTS_S:-110}
+e2e_s=${GPU_CHECK_E2E_S:-90}
+bench_s=${GPU_CHECK_BENCH_S:-90}
 sanitize_s=${GPU_CHECK_SANITIZE_S:-60}
 if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then bench_s=$((bench_s - sanitize_s)); fi
 
@@ -87,9 +89,16 @@ print("CUDA kernels registered:", ", ".join(n for n in names if n not in missing
 sys.exit(f"no CUDA kernel for {missing}" if missing else 0)'
 }
 
+# Eight pytest workers when pytest-xdist is there: the float64 references run on the CPU.
 cuda_tests() {
-  "$python" -m pytest -m cuda tests/test_cuda_ops.py -q -p no:cacheprovider -o junit_family=xunit2 \
+  local workers=()
+  if "$python" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
+  "$python" -m pytest -m cuda tests/test_cuda_ops.py -q -p no:cacheprovider "${workers[@]}" -o junit_family=xunit2 \
     --junitxml="$out_dir/cuda_tests.xml"
+}
+
+e2e() {
+  "$python" benchmarks/gpu_e2e.py --json "$out_dir/e2e.json"
 }
 
 # A small forward and backward on every kernel path, with valid and with corrupt cu_seqlens
@@ -117,16 +126,17 @@ bench() {
     --table "$out_dir/bench_gpu.txt"
 }
 
-export -f gpu_info build cuda_tests memcheck bench
+export -f gpu_info build cuda_tests e2e memcheck bench
 export python out_dir bench_s
 
 run_stage gpu "$info_s" gpu_info
 if run_stage build "$build_s" build; then
   run_stage tests "$tests_s" cuda_tests
+  run_stage e2e "$e2e_s" e2e
   if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ]; then run_stage memcheck "$sanitize_s" memcheck; fi
   run_stage bench "$bench_s" bench
 else
-  stage_lines+=("tests     not run (no build)" "bench     not run (no build)")
+  stage_lines+=("tests     not run (no build)" "e2e       not run (no build)" "bench     not run (no build)")
 fi
 
 # Summary, last: stage status, test counts, the benchmark table.
@@ -152,6 +162,11 @@ for case in suite.iter("testcase"):
 if failed:
     print("\n".join(failed[:20] + (["  ... and more, see the log"] if len(failed) > 20 else [])))
 EOF
+  fi
+  if [ -f "$out_dir/e2e.json" ]; then
+    "$python" -c 'import json, sys
+for row in json.load(open(sys.argv[1]))["checks"]:
+    print("e2e", "ok  " if row["ok"] else "FAIL", row["check"] + ":", row["figures"])' "$out_dir/e2e.json"
   fi
   if [ -f "$out_dir/bench_gpu.txt" ]; then cat "$out_dir/bench_gpu.txt"; fi
 } | tee "$out_dir/summary.txt"

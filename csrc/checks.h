@@ -70,13 +70,14 @@ inline void check_rope3d_args(const at::Tensor& x, const at::Tensor& coords, con
 
   TORCH_CHECK_VALUE(sections.size() == 3, op,
                     ": sections must hold three pair counts (z, y, x), got ", sections.size(), " values");
+  // Each count is checked against the pairs left before it is added, so that no sum can overflow.
   int64_t total = 0;
   for (int64_t s : sections) {
     TORCH_CHECK_VALUE(s >= 0, op, ": sections must be non-negative, got ", sections);
+    TORCH_CHECK_VALUE(s <= num_pairs - total, op, ": sections ", sections, " sum to more than the ", num_pairs,
+                      " rotary pairs of head_dim ", head_dim);
     total += s;
   }
-  TORCH_CHECK_VALUE(total <= num_pairs, op, ": sections ", sections, " sum to ", total,
-                    ", more than the ", num_pairs, " rotary pairs of head_dim ", head_dim);
 }
 
 // Shapes, dtypes and devices of an attention call. The values inside cu_seqlens are checked by

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Image"]
+__all__ = ["Image", "is_meta_tensor"]
+
+
+def is_meta_tensor(value: Any) -> bool:
+    """True for a tensor carrying an affine and a metadata dict, as MONAI's MetaTensor does (checked by
+    these attributes, so that mmv never imports MONAI)."""
+    return (
+        isinstance(value, torch.Tensor) and hasattr(value, "affine") and isinstance(getattr(value, "meta", None), dict)
+    )
 
 
 @dataclass
@@ -27,6 +36,11 @@ class Image:
     modality: str | None = None
 
     def __post_init__(self) -> None:
+        if is_meta_tensor(self.pixels):
+            raise TypeError(
+                "Image: pixels is a MONAI MetaTensor, whose axes are (x, y, z) with a spacing of their own; "
+                "use Image.from_meta_tensor(pixels), or pass it to the encoder as it is"
+            )
         if isinstance(self.pixels, np.ndarray):
             self.pixels = torch.from_numpy(np.ascontiguousarray(self.pixels))
         if not isinstance(self.pixels, torch.Tensor):
@@ -55,6 +69,14 @@ class Image:
         self.spacing = spacing
         if self.modality is not None and not isinstance(self.modality, str):
             raise TypeError(f"Image: modality must be a string or None, got {type(self.modality).__name__}")
+
+    @classmethod
+    def from_meta_tensor(cls, tensor: torch.Tensor, name: str = "image") -> Image:
+        """The image of a MONAI MetaTensor: (z, y, x) in LPS orientation with spacing from its affine, as
+        :func:`mmv.data.read_image` reads the same file (see :mod:`mmv.meta_tensor`)."""
+        from mmv.meta_tensor import image_from_meta_tensor  # imports this module
+
+        return image_from_meta_tensor(tensor, name)
 
     @property
     def is_3d(self) -> bool:

@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 from mmv.data.cache import PreprocessCache
 from mmv.data.datasets import CheXpert, CtRate, Manifest, MimicCxr, MixedDataset
-from mmv.data.preprocess import CtPreprocess, XrayPreprocess
-from mmv.image import Image
+from mmv.data.preprocess import CtPreprocess, ModalityPreprocess, XrayPreprocess
 from mmv.train_config import DataConfig
 
 __all__ = ["ModalityPreprocess", "modality_preprocess", "build_pretraining_sources", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("manifest", "mimic", "chexpert", "ctrate")
-
-
-@dataclass(frozen=True)
-class ModalityPreprocess:
-    """Preprocess volumes with ``ct`` and 2D images with ``xray``; predicts output shapes like both."""
-
-    ct: CtPreprocess
-    xray: XrayPreprocess
-
-    def __call__(self, image: Image) -> Image:
-        return self.ct(image) if image.is_3d else self.xray(image)
-
-    def output_shape(self, shape, spacing) -> tuple[int, ...]:
-        return (self.ct if len(shape) == 3 else self.xray).output_shape(shape, spacing)
 
 
 def modality_preprocess(config: DataConfig) -> ModalityPreprocess:
@@ -44,13 +28,12 @@ def modality_preprocess(config: DataConfig) -> ModalityPreprocess:
     )
 
 
-def _manifest_rows_in_split(path: Path, split: str, id_column: str | None) -> set[str]:
+def _manifest_rows_in_split(path: Path, split: str, id_column: str) -> set[str]:
     with open(path, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     if rows and "split" not in rows[0]:
         raise ValueError(f"{path}: a source with split={split!r} needs a 'split' column")
-    key = id_column or "path"
-    return {row[key] for row in rows if row["split"].strip().lower() == split}
+    return {row[id_column] for row in rows if row["split"].strip().lower() == split}
 
 
 def _build_source(spec: dict, transform, cache):
@@ -64,7 +47,7 @@ def _build_source(spec: dict, transform, cache):
         id_column = spec.get("id_column")
         dataset = Manifest(path, label_columns=(), id_column=id_column, transform=transform, cache=cache, on_error="skip")
         if split is not None:
-            keep = _manifest_rows_in_split(path, str(split).lower(), id_column)
+            keep = _manifest_rows_in_split(path, str(split).lower(), dataset.id_column)
             dataset.records = [record for record in dataset.records if record.id in keep]
         return dataset
     if kind == "mimic":

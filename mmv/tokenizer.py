@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmv.image import Image
+from mmv.meta_tensor import image_from_meta_tensor, is_meta_tensor
 
 __all__ = ["Tokenizer", "TokenizedImage", "as_image", "grid_shape", "count_tokens", "check_patch_size"]
 
@@ -59,31 +60,49 @@ def count_tokens(image_shape: Sequence[int], patch_size: Sequence[int]) -> int:
     return math.prod(grid_shape(image_shape, patch_size))
 
 
-def as_image(image: Image | torch.Tensor | np.ndarray, name: str = "image") -> Image:
-    """An :class:`mmv.Image` from an Image, or from an array read with 1 mm spacing.
+# A first or last axis this short could hold channels (gray + alpha, RGB, RGBA) rather than slices.
+_MAX_CHANNELS = 4
 
-    Arrays may be ``[H, W]`` (2D), ``[D, H, W]`` (3D) or channel-first with one channel
-    (``[1, H, W]`` is read as a volume one slice deep; ``[1, D, H, W]`` as a volume).
+
+def as_image(image: Image | torch.Tensor | np.ndarray, name: str = "image") -> Image:
+    """An :class:`mmv.Image` from an Image, a MONAI MetaTensor, or an array read with 1 mm spacing.
+
+    An Image is taken as it is. A MetaTensor (recognised by its ``affine`` and ``meta``) brings its own
+    spacing and orientation: see :func:`mmv.meta_tensor.image_from_meta_tensor`. A plain array may be:
+
+    - ``[H, W]`` or ``[1, H, W]`` (one channel first): a 2D image;
+    - ``[D, H, W]`` or ``[1, D, H, W]``: a volume, when D and W are both more than 4.
+
+    Anything else raises a ValueError naming ``name`` and the shape, in particular 3D arrays whose first
+    or last axis has 1 to 4 entries (``(3, H, W)``, ``(H, W, 3)``, ``(H, W, 1)``), which could as well
+    be colour or channel axes as slices: give a grayscale ``[H, W]`` or an ``mmv.Image(pixels, spacing)``.
     """
     if isinstance(image, Image):
         return image
+    if is_meta_tensor(image):
+        return image_from_meta_tensor(image, name)
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be an mmv.Image, a torch.Tensor or a numpy array, got {type(image).__name__}")
-    if image.dim() == 4:
-        if image.shape[0] != 1:
-            raise ValueError(
-                f"{name} must have one channel: got a 4D array of shape {tuple(image.shape)} "
-                f"with {image.shape[0]} channels (expected [1, D, H, W])"
-            )
-        image = image[0]
-    if image.dim() not in (2, 3):
+    shape = tuple(image.shape)
+    if image.dim() in (3, 4) and image.shape[0] == 1:
+        image = image[0]  # the one channel of a channel-first array
+    elif image.dim() == 4:
         raise ValueError(
-            f"{name} must be [H, W] (2D) or [D, H, W] (3D) with one channel, got shape {tuple(image.shape)}"
+            f"{name} must have one channel: got a 4D array of shape {shape} with {shape[0]} channels "
+            f"(expected [1, D, H, W])"
         )
+    if image.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [H, W] (2D) or [D, H, W] (3D) with one channel, got shape {shape}")
     if image.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(image.shape)}")
+        raise ValueError(f"{name} must not be empty, got shape {shape}")
+    if image.dim() == 3 and (image.shape[0] <= _MAX_CHANNELS or image.shape[-1] <= _MAX_CHANNELS):
+        raise ValueError(
+            f"{name} of shape {shape} is ambiguous: an axis of {_MAX_CHANNELS} or fewer at either end may "
+            f"hold colour channels rather than slices. mmv encodes one channel: pass a grayscale [H, W] or "
+            f"[1, H, W] image, or mmv.Image(pixels, spacing) for a volume [D, H, W]"
+        )
     return Image(image, (1.0,) * image.dim())
 
 
@@ -162,7 +181,8 @@ class Tokenizer:
         image: Image | torch.Tensor | np.ndarray,
         generator: torch.Generator | None = None,
     ) -> TokenizedImage:
-        """Tokenise one image (an :class:`mmv.Image`, or an array read with 1 mm spacing).
+        """Tokenise one image (an :class:`mmv.Image`, a MONAI MetaTensor, or an array read with 1 mm spacing;
+        see :func:`as_image`).
 
         ``generator`` (a CPU generator) draws the random token drop, when ``drop_rate > 0``.
         """

@@ -8,9 +8,19 @@ gradient accumulation; bf16 autocast on GPU; DDP under ``torchrun`` (gloo on CPU
 
 A run directory holds ``config.toml``-equivalent ``config.json``, ``metrics.jsonl`` (one JSON object per
 logged step), ``loss.png``, ``checkpoints/step_*.pt`` (the last K) and, at the end, ``encoder/`` (the
-teacher's encoder, loadable with :meth:`mmv.Encoder.from_pretrained`). Resuming restores model,
-teacher, optimiser, loss centres, the data position and every random generator, so a resumed run
-continues with exactly the losses of one that was never interrupted.
+teacher's encoder with the run's preprocessing, loadable with :meth:`mmv.Encoder.from_pretrained`).
+Resuming restores model, teacher, optimiser, loss centres, the data position and every random
+generator, so a resumed run continues with exactly the losses of one that was never interrupted.
+
+Resuming takes the newest checkpoint that verifies (its checksum, its structure, the names and shapes of
+its weights); a newer one that does not is skipped with a warning naming it. Checkpoints are written
+atomically, so a bad one means the disk or someone else damaged it; the previous checkpoint is a complete
+state, and since a resumed run repeats the same losses exactly, falling back costs only the steps in
+between, where stopping would cost a person's attention. Only when no checkpoint verifies does resuming
+raise :class:`mmv.CheckpointError`. ``metrics.jsonl`` is cut back to the resumed step, so it never holds
+steps twice, and a partial last line left by a kill is dropped.
+
+The output directory is checked for writing before any data or model is set up.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +40,22 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from mmv.checkpoint import (
+    TRAINING_CHECKPOINT_FORMAT,
+    CheckpointError,
+    capture_rng_state,
+    check_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from mmv.data.sampler import TokenBudgetBatchSampler
+from mmv.files import atomic_write, check_writable
+from mmv.model.checkpoint import check_state_dict
 from mmv.model.encoder import Encoder
 from mmv.packing import PackedBatch
+from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
 from mmv.schedules import cosine_schedule, warmup_cosine_schedule
 from mmv.ssl.augment import CropSpec, MultiCrop
 from mmv.ssl.batch import MultiCropDataset, SeededBatchSampler, SslBatch, SslCollate
@@ -42,7 +65,7 @@ from mmv.ssl.teacher import EmaTeacher, teacher_momentum, teacher_temperature
 from mmv.tokenizer import Tokenizer
 from mmv.train_config import PretrainConfig
 
-__all__ = ["SslStudent", "SslObjective", "Trainer", "pretrain", "build_multicrop", "plot_losses"]
+__all__ = ["SslStudent", "SslObjective", "Trainer", "pretrain", "build_multicrop", "plot_losses", "read_metrics"]
 
 LOSS_NAMES = ("loss", "dino", "ibot", "koleo")
 
@@ -142,11 +165,32 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def read_metrics(metrics_path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, without a partial last line (a run killed while writing it).
+
+    Raises:
+        ValueError: naming the file and line, for a complete line that is not a JSON object.
+    """
+    with open(metrics_path, encoding="utf-8") as stream:
+        lines = stream.read().split("\n")
+    # Every complete record ends with a newline: what follows the last one is empty or partial.
+    records = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{metrics_path}: line {number} is not a metrics record ({error})") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{metrics_path}: line {number} is not a metrics record (a JSON object)")
+        records.append(record)
+    return records
+
+
 def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path | None:
     """Plot the losses of a ``metrics.jsonl`` against the step into a PNG; None when there is nothing yet."""
-    records = []
-    with open(metrics_path, encoding="utf-8") as stream:
-        records = [json.loads(line) for line in stream if line.strip()]
+    records = read_metrics(metrics_path)
     if not records:
         return None
     import matplotlib
@@ -165,7 +209,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike) ->
         axis.legend()
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out_path, dpi=100)
+    atomic_write(out_path, lambda stream: figure.savefig(stream, dpi=100, format="png"), durable=False)
     plt.close(figure)
     return Path(out_path)
 
@@ -181,6 +225,10 @@ class Trainer:
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here if it is not already:
     gloo on CPU, NCCL on GPU. Only rank 0 writes files.
+
+    Raises:
+        OSError: ``run.out_dir`` cannot be written (checked before the data and the model are set up).
+        CheckpointError: ``resume`` and checkpoints exist, but none of them verifies and fits this run.
     """
 
     def __init__(self, config: PretrainConfig, dataset=None, resume: bool = False) -> None:
@@ -204,12 +252,16 @@ class Trainer:
         self.out_dir = Path(run.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        if self.rank == 0:
+            check_writable(self.out_dir, "run.out_dir")
 
         torch.manual_seed(run.seed + self.rank)
         encoder_config = config.model.encoder_config()
         ssl = config.ssl
         # The encoder is drawn first, so it starts from the weights Encoder(config) gets after this seed.
         encoder = Encoder(encoder_config)
+        # Recorded with the weights (save_pretrained), so that the encoder's users preprocess as it was trained.
+        encoder.preprocess = modality_preprocess(config.data)
         heads = [
             DinoHead(
                 encoder_config.embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers,
@@ -229,8 +281,6 @@ class Trainer:
         self.last_layer_parameters = [p for head in heads for p in head.last_layer_parameters]
 
         if dataset is None:
-            from mmv.pretrain_data import build_pretraining_sources
-
             dataset = build_pretraining_sources(config.data)
         tokenizer = Tokenizer(encoder_config.patch_size, drop_rate=config.augment.token_drop_rate)
         self.dataset = MultiCropDataset(
@@ -260,10 +310,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(run.seed),
         )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        if resume:
-            latest = latest_checkpoint(self.checkpoint_dir)
-            if latest is not None:
-                self._restore(load_checkpoint(latest))
+        self.resumed_from: Path | None = self._resume() if resume else None
 
     # ----------------------------------------------------------------------------------------------
 
@@ -287,7 +334,7 @@ class Trainer:
         else:
             rng = [rng]
         return {
-            "format": "mmv-pretrain-checkpoint",
+            "format": TRAINING_CHECKPOINT_FORMAT,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -299,18 +346,93 @@ class Trainer:
             "config": json.dumps(self.config.to_dict()),
         }
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("format") != "mmv-pretrain-checkpoint":
-            raise ValueError("the checkpoint is not an mmv pretraining checkpoint")
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+    def _resume(self) -> Path | None:
+        """Restore the newest checkpoint that verifies; returns its path (None when there is none)."""
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        errors = []
+        for path in reversed(checkpoints):
+            try:
+                self._restore(path, load_checkpoint(path))
+            except CheckpointError as error:
+                errors.append(error)
+                warnings.warn(f"cannot resume from {error}; trying the previous checkpoint", RuntimeWarning, stacklevel=3)
+                continue
+            return path
+        if errors:
+            raise CheckpointError(
+                self.checkpoint_dir, f"none of its {len(errors)} checkpoints can be resumed from; the newest: {errors[0]}"
+            )
+        return None
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        """Check that ``state`` fits this run, then load it; CheckpointError naming ``path`` if it does not."""
+        try:
+            self._check_state(path, state)
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.objective.load_state_dict(state["objective"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            restore_rng_state(state["rng"][self.rank])
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:  # unforeseen damage
+            raise CheckpointError(path, f"cannot restore the run from it ({type(error).__name__}: {error})") from error
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+    def _check_state(self, path: Path, state: dict[str, Any]) -> None:
+        if state.get("format") != TRAINING_CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
+            )
+        required = ("step", "epoch", "batch_in_epoch", "student", "teacher", "objective", "optimizer", "rng")
+        missing = [key for key in required if key not in state]
+        if missing:
+            raise CheckpointError(path, f"the checkpoint lacks {missing}")
+        for key in ("step", "epoch", "batch_in_epoch"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+                raise CheckpointError(path, f"{key!r} must be a non-negative int, got {value!r}")
+        for key, module in (("student", self.student), ("teacher", self.teacher), ("objective", self.objective)):
+            if not isinstance(state[key], dict) or not all(isinstance(t, torch.Tensor) for t in state[key].values()):
+                raise CheckpointError(path, f"{key!r} must be a dict of tensors")
+            try:
+                check_state_dict(path, state[key], module.state_dict())
+            except CheckpointError as error:
+                raise CheckpointError(path, f"{key}: {error.reason}") from None
+        self._check_optimizer_state(path, state["optimizer"])
         rng_states = state["rng"]
-        if len(rng_states) != self.world_size:
-            raise ValueError(f"the checkpoint holds random states of {len(rng_states)} processes, this run has {self.world_size}")
-        restore_rng_state(rng_states[self.rank])
+        if not isinstance(rng_states, list) or len(rng_states) != self.world_size:
+            count = len(rng_states) if isinstance(rng_states, list) else "no list of"
+            raise CheckpointError(
+                path, f"the checkpoint holds random states of {count} processes, this run has {self.world_size}"
+            )
+        try:
+            check_rng_state(rng_states[self.rank])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise CheckpointError(path, f"unusable random generator states ({error})") from None
+
+    def _check_optimizer_state(self, path: Path, saved: Any) -> None:
+        """The saved AdamW state must have this optimiser's groups, and tensors shaped like their parameters."""
+        if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)):
+            raise CheckpointError(path, "'optimizer' must be an optimiser state (a dict of 'state' and 'param_groups')")
+        groups = self.optimizer.param_groups
+        saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved["param_groups"]]
+        sizes = [len(g["params"]) for g in groups]
+        if saved_sizes != sizes:
+            raise CheckpointError(path, f"the optimiser state has groups of {saved_sizes} parameters, this run's optimiser {sizes}")
+        parameters = {}
+        for saved_group, group in zip(saved["param_groups"], groups):
+            parameters.update(zip(saved_group["params"], group["params"]))
+        for index, values in saved["state"].items():
+            if index not in parameters or not isinstance(values, dict):
+                raise CheckpointError(path, f"the optimiser state has an entry {index!r} for no parameter")
+            shape = tuple(parameters[index].shape)
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shape:
+                    raise CheckpointError(
+                        path,
+                        f"optimiser state {name!r} of parameter {index} has shape {tuple(value.shape)}, the parameter {shape}",
+                    )
 
     def _save(self) -> None:
         state = self.state_dict()
@@ -319,6 +441,13 @@ class Trainer:
             plot_losses(self.metrics_path, self.out_dir / "loss.png")
         if self.world_size > 1:
             dist.barrier()
+
+    def _cut_metrics_to_step(self) -> None:
+        """Make ``metrics.jsonl`` hold the records up to the current step only: the steps a killed run logged
+        after its last checkpoint are run again, and a partial last line is dropped."""
+        records = read_metrics(self.metrics_path) if self.step > 0 and self.metrics_path.is_file() else []
+        text = "".join(json.dumps(record) + "\n" for record in records if record.get("step", 0) <= self.step)
+        atomic_write(self.metrics_path, lambda stream: stream.write(text.encode()))
 
     # ----------------------------------------------------------------------------------------------
 
@@ -349,9 +478,9 @@ class Trainer:
         config, run, optim = self.config, self.config.run, self.config.optim
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-            if self.step == 0:
-                self.metrics_path.write_text("", encoding="utf-8")
+            text = json.dumps(config.to_dict(), indent=2) + "\n"
+            atomic_write(self.out_dir / "config.json", lambda stream: stream.write(text.encode()))
+            self._cut_metrics_to_step()
         self.student.train()
         autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=_use_bf16(run.bf16, self.device))
         history: list[dict[str, float]] = []

@@ -5,18 +5,27 @@ A run config is a TOML file with the sections ``[model]``, ``[data]``, ``[augmen
 raise a ValueError naming them. Overrides are ``section.key=value`` strings whose value is read as TOML
 (``optim.lr=1e-3``, ``run.out_dir="runs/a"``, ``augment.global_size_3d=[64, 64, 64]``), falling back to
 a bare string.
+
+Every field is type-checked when a section is built: a value of the wrong type raises a TypeError naming
+``section.key`` and the expected type (integers are accepted where a number is expected, TOML arrays where
+a tuple is). A warm-up longer than the run (``optim.warmup_steps`` or ``ssl.teacher_temperature_warmup_steps``
+beyond ``optim.steps``) is warned about when the whole config is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import types
+import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmv.model.config import EncoderConfig
+from mmv.data.preprocess import DEFAULT_CT_SPACING, DEFAULT_CT_WINDOW, DEFAULT_XRAY_SHORT_SIDE
+from mmv.model.config import PRESETS, EncoderConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,40 +45,143 @@ __all__ = [
 ]
 
 
+class _Section:
+    """Base of the config sections: each field is checked against its annotation when the section is built."""
+
+    def __post_init__(self) -> None:
+        section = _SECTION_NAMES[type(self)]
+        hints = typing.get_type_hints(type(self))
+        for spec in dataclasses.fields(self):
+            value = _conform_field(getattr(self, spec.name), hints[spec.name], f"{section}.{spec.name}")
+            setattr(self, spec.name, value)
+
+
+# TOML cannot write None: this string stands for it in fields that may be None.
+_NONE = "none"
+
+
+class _Mismatch(Exception):
+    """A value does not fit a type annotation (reported by :func:`_conform_field` for the whole field)."""
+
+
+def _conform_field(value: Any, hint: Any, key: str) -> Any:
+    try:
+        return _conform(value, hint)
+    except _Mismatch:
+        raise TypeError(f"{key} must be {_expected(hint)}, got {value!r}") from None
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """``value`` as the annotation ``hint`` holds it (lists become tuples, ints floats), or _Mismatch."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if type(None) in arguments and value in (None, _NONE):
+            return None
+        for option in arguments:
+            try:
+                return _conform(value, option)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if hint is type(None):  # None itself was taken by the union above
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if hint in (bool, int, str):
+        # bool is an int in Python, but true is no step count.
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _Mismatch
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return tuple(_conform(item, arguments[0]) for item in value)
+        if len(value) != len(arguments):
+            raise _Mismatch
+        return tuple(_conform(item, option) for item, option in zip(value, arguments))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise _Mismatch
+        return [_conform(item, arguments[0]) for item in value]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+            raise _Mismatch
+        return {name: _conform(item, arguments[1]) for name, item in value.items()}
+    raise TypeError(f"no type check for the annotation {hint!r}")
+
+
+def _expected(hint: Any) -> str:
+    """The annotation ``hint`` in words, for error messages."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_expected(option) for option in arguments)
+    if origin is tuple:
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return f"a list of {_plural(arguments[0])}"
+        if len(set(arguments)) == 1:
+            return f"a list of {len(arguments)} {_plural(arguments[0])}"
+        return f"a list of ({', '.join(_expected(option) for option in arguments)})"
+    if origin is list:
+        return f"a list of {_plural(arguments[0])}"
+    if origin is dict:
+        return "a table"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): '"none"'}
+    return names.get(hint, repr(hint))
+
+
+def _plural(hint: Any) -> str:
+    return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(hint, "tables")
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The encoder: a preset (``vit_tiny``, ``vit_small``, ...) and overrides of its config fields
-    (:class:`mmv.EncoderConfig`; the string ``"none"`` stands for None, which TOML cannot write)."""
+    (:class:`mmv.EncoderConfig`; the string ``"none"`` stands for None, which TOML cannot write, here as in
+    every field that may be None). The encoder config is built, and so checked, with the section."""
 
     preset: str = "vit_small"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        try:
+            self.encoder_config()
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"model.options: {error}") from None
 
     def encoder_config(self) -> EncoderConfig:
         """The :class:`mmv.EncoderConfig` of the preset with ``options`` applied."""
         # TOML has arrays but no tuples and no null: lists become tuples, "none" becomes None.
         options = {
-            key: tuple(value) if isinstance(value, list) else (None if value == "none" else value)
+            key: tuple(value) if isinstance(value, list) else (None if value == _NONE else value)
             for key, value in self.options.items()
         }
         return EncoderConfig.from_preset(self.preset, **options)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where images come from and how they are batched.
 
     ``sources`` is a list of tables, each with ``kind`` (``manifest``, ``mimic``, ``chexpert``, ``ctrate``),
     ``path`` (the manifest CSV or the data set root), optional ``weight`` (share of samples), ``split``
     (manifest rows of that ``split`` column value only; the data set's split otherwise) and ``id_column``.
     CT is windowed and resampled to ``ct_spacing``; X-rays resized to ``xray_spacing`` mm pixels or to
-    ``xray_short_side`` pixels.
+    ``xray_short_side`` pixels. The defaults are those of :mod:`mmv.data.preprocess` (``DEFAULT_*``).
     """
 
     sources: list[dict[str, Any]] = field(default_factory=list)
-    ct_spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    ct_spacing: tuple[float, float, float] = DEFAULT_CT_SPACING
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     xray_spacing: float | None = None
-    xray_short_side: int | None = 512
+    xray_short_side: int | None = DEFAULT_XRAY_SHORT_SIDE
     max_tokens: int = 16384
     max_images: int | None = None
     window: int = 256
@@ -78,7 +190,7 @@ class DataConfig:
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(_Section):
     """Multi-crop views (see :class:`mmv.ssl.augment.MultiCrop`), token dropping and iBOT masking."""
 
     num_global: int = 2
@@ -103,7 +215,7 @@ class AugmentConfig:
 
 
 @dataclass
-class SslConfig:
+class SslConfig(_Section):
     """Heads, losses and teacher of the DINOv2 objective."""
 
     num_prototypes: int = 65536
@@ -123,7 +235,7 @@ class SslConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """AdamW with a warm-up + cosine learning rate and a cosine weight-decay schedule."""
 
     steps: int = 1000
@@ -138,7 +250,7 @@ class OptimConfig:
 
 
 @dataclass
-class RunSettings:
+class RunSettings(_Section):
     """Where and how the run executes.
 
     ``bf16`` is autocast to bfloat16: true, false, or ``"auto"`` (on for CUDA, and on a CPU with native
@@ -155,6 +267,11 @@ class RunSettings:
     num_threads: int | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            raise ValueError(f"run.bf16 must be true, false or 'auto', got {self.bf16!r}")
+
 
 _SECTIONS = {
     "model": ModelConfig,
@@ -164,6 +281,7 @@ _SECTIONS = {
     "optim": OptimConfig,
     "run": RunSettings,
 }
+_SECTION_NAMES = {section_class: name for name, section_class in _SECTIONS.items()}
 
 
 @dataclass
@@ -176,6 +294,22 @@ class PretrainConfig:
     ssl: SslConfig = field(default_factory=SslConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        for name, section_class in _SECTIONS.items():
+            if not isinstance(getattr(self, name), section_class):
+                raise TypeError(f"PretrainConfig: {name} must be a {section_class.__name__}, got {type(getattr(self, name)).__name__}")
+        steps = self.optim.steps
+        for key, warmup in (
+            ("optim.warmup_steps", self.optim.warmup_steps),
+            ("ssl.teacher_temperature_warmup_steps", self.ssl.teacher_temperature_warmup_steps),
+        ):
+            if warmup > steps:
+                warnings.warn(
+                    f"{key} ({warmup}) is longer than the run (optim.steps = {steps}): the warm-up never finishes",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
@@ -194,19 +328,12 @@ class PretrainConfig:
             unknown = sorted(set(section) - set(known))
             if unknown:
                 raise ValueError(f"PretrainConfig: unknown key(s) {unknown} in [{name}]; keys are {sorted(known)}")
-            sections[name] = section_class(**{k: _as_field_value(v, known[k]) for k, v in section.items()})
+            sections[name] = section_class(**section)
         return cls(**sections)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (JSON and TOML ready)."""
         return _plain(dataclasses.asdict(self))
-
-
-def _as_field_value(value: Any, spec: dataclasses.Field) -> Any:
-    # TOML has arrays, not tuples: fields declared as tuples take them as tuples.
-    if isinstance(value, list) and "tuple" in str(spec.type):
-        return tuple(value)
-    return value
 
 
 def _plain(value: Any) -> Any:

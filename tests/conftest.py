@@ -165,6 +165,53 @@ def attention_problems(draw, dtype_strategy=dtypes, head_dim_strategy=attention_
     return q, k, v, lengths, draw(scales)
 
 
+NON_FINITE_VALUES = (float("nan"), float("inf"), float("-inf"))
+
+
+@st.composite
+def non_finite_attention_problems(draw, dtype_strategy=dtypes, head_dim_strategy=attention_head_dims):
+    """``attention_problems`` with one to three elements of q, k or v set to NaN, +inf or -inf (none when
+    the batch has no tokens), as a diverging training run would feed them."""
+    q, k, v, lengths, scale = draw(attention_problems(dtype_strategy, head_dim_strategy))
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens:
+        for _ in range(draw(st.integers(1, 3))):
+            target = draw(st.sampled_from((q, k, v)))
+            token, head = draw(st.integers(0, num_tokens - 1)), draw(st.integers(0, num_heads - 1))
+            target[token, head, draw(st.integers(0, head_dim - 1))] = draw(st.sampled_from(NON_FINITE_VALUES))
+    return q, k, v, lengths, scale
+
+
+def assert_same_non_finite(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tolerance: Tolerance,
+    what: str,
+    may_be_nan: torch.Tensor | None = None,
+) -> None:
+    """``actual`` is NaN, +inf and -inf exactly where ``expected`` is, and its finite elements match under
+    ``tolerance``. Where the boolean ``may_be_nan`` (broadcast to the shape) is set, ``actual`` may also be
+    NaN where ``expected`` is finite or infinite; it is never finite where ``expected`` is not."""
+    actual, expected = actual.double(), expected.double()
+    loose = torch.zeros(expected.shape, dtype=torch.bool) if may_be_nan is None else may_be_nan.expand(expected.shape)
+    strict_nan = loose.logical_not() | expected.isnan()
+    checks = (
+        ("NaN", torch.isnan, strict_nan),
+        ("+inf", lambda t: t == float("inf"), strict_nan),
+        ("-inf", lambda t: t == float("-inf"), strict_nan),
+    )
+    for name, kind, where in checks:
+        where_actual, where_expected = kind(actual) & where, kind(expected) & where
+        assert torch.equal(where_actual, where_expected), (
+            f"{what}: {name} at {int(where_actual.sum())} elements, the reference at {int(where_expected.sum())}; "
+            f"first difference at {tuple((where_actual != where_expected).nonzero()[0].tolist())}"
+        )
+    hidden = expected.isfinite().logical_not() & actual.isfinite()
+    assert not hidden.any(), f"{what}: finite at {int(hidden.sum())} elements where the reference is not"
+    compared = expected.isfinite() & actual.isfinite()
+    assert_matches(actual.where(compared, 0.0), expected.where(compared, 0.0), tolerance, what)
+
+
 @st.composite
 def rope_sections(draw, num_pairs: int) -> tuple[int, int, int]:
     """(s_z, s_y, s_x) that either cover all ``num_pairs`` pairs or leave some unrotated."""

@@ -59,3 +59,65 @@ def test_demo_help_states_the_defaults_it_runs_with(capsys):
     for flag, value in (("--phantoms", defaults.num_phantoms), ("--steps", defaults.steps), ("--threads", defaults.threads)):
         assert re.search(rf"{flag} [A-Z]+ [^-]*\(default: {value}\)", text), flag
     assert build_parser().parse_args(["demo"]).phantoms is None  # unset flags leave the choice to DemoSettings
+
+
+def help_entries(help_text):
+    """``[invocation, help]`` of every argument an argparse help text lists."""
+    entries, listing = [], False
+    for line in help_text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            listing = True  # "positional arguments:", "options:" or a group's title
+            continue
+        if not listing or not line.strip():
+            continue
+        if re.match(r"  \S", line):
+            invocation, _, text = line[2:].partition("  ")
+            entries.append([invocation, text.strip()])
+        else:
+            entries[-1][1] = f"{entries[-1][1]} {line.strip()}".strip()
+    return entries
+
+
+def command_help(capsys, *arguments):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([*arguments, "--help"])
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_option_of_every_subcommand_has_help_text(capsys):
+    usage = command_help(capsys)
+    commands = re.search(r"\{([a-z,]+)\}", usage).group(1).split(",")
+    assert {"pretrain", "phantom", "demo", "embed", "probe", "analyze"} <= set(commands)
+    for command in commands:
+        entries = help_entries(command_help(capsys, command))
+        assert len(entries) > 1, command
+        for invocation, text in entries:
+            assert text, f"mmv {command} {invocation} has no help text"
+
+
+def test_phantom_help_shows_the_defaults(capsys):
+    text = " ".join(command_help(capsys, "phantom").split())
+    for flag, value in (("--count", 200), ("--seed", 0), ("--ct-spacing", 4.0), ("--xray-spacing", 2.0)):
+        assert re.search(rf"{flag} [A-Z_]+ [^-]*\(default: {value}\)", text), flag
+
+
+def test_input_errors_are_one_line_without_a_traceback(tmp_path, capsys):
+    assert main(["probe", str(tmp_path / "nope"), "--protocol", "manifest", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("mmv probe: error:") and "nope" in error
+    assert "Traceback" not in error
+
+
+def test_pretrain_without_a_config_says_that_config_is_required(capsys):
+    assert main(["pretrain"]) == 2
+    error = capsys.readouterr().err
+    assert "--config is required" in error and error.count("\n") == 1
+    assert main(["pretrain", "--print-config"]) == 0  # the defaults need no config
+
+
+def test_a_config_value_of_the_wrong_type_is_refused_naming_key_and_type(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\npreset = "vit_tiny"\n')
+    assert main(["pretrain", "--config", str(config), "--set", "optim.lr=abc"]) == 2
+    assert "optim.lr must be a number, got 'abc'" in capsys.readouterr().err

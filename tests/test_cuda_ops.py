@@ -31,6 +31,7 @@ from conftest import (
     cu_seqlens_of,
     generator_from,
     make_token_head_tensors,
+    non_finite_attention_problems,
     random_coords,
     seeds,
 )
@@ -46,7 +47,7 @@ from test_op_errors import (
     valid_attention_args,
     valid_rope_args,
 )
-from test_packed_attention import reference_float64, reference_gradients_float64
+from test_packed_attention import check_non_finite_against_reference, reference_float64, reference_gradients_float64
 from test_rope3d import rope_problems
 
 from mmv.ops import has_kernel, packed_attention, reference, rope3d, rope_freqs
@@ -56,7 +57,7 @@ TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 TENSOR_CORE_HEAD_DIMS = (32, 64, 128)
 
 # Hypothesis examples per test on the emulator, where the plain kernels run a fiber per thread.
-EMULATED_EXAMPLES = {"tensor_cores": 6, "plain": 3, "rope3d": 8}
+EMULATED_EXAMPLES = {"tensor_cores": 6, "plain": 3, "non_finite": 4, "rope3d": 8}
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,32 @@ def test_plain_path_matches_float64_reference(backend):
         check_against_reference(backend, *on_backend(backend, problem), seed)
 
     check()
+
+
+def test_non_finite_inputs_propagate_as_in_the_reference(backend):
+    @backend.examples("non_finite")
+    @given(
+        problem=st.one_of(
+            non_finite_attention_problems(st.sampled_from(TENSOR_CORE_DTYPES), st.sampled_from(TENSOR_CORE_HEAD_DIMS)),
+            non_finite_attention_problems(st.sampled_from([torch.float32, torch.float64]), st.integers(1, 256)),
+        ),
+        seed=seeds,
+        deterministic=st.booleans(),
+    )
+    def check(problem, seed, deterministic):
+        # Both paths: the tensor cores' online softmax (fmaxf skips a NaN score) and the plain kernel's.
+        check_non_finite_against_reference(*(backend.put(t) for t in problem[:3]), *problem[3:], seed, deterministic)
+
+    check()
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_nan_poisons_what_it_touches_in_its_sequence_and_head(backend, where):
+    lengths = [5, 15]
+    tensors = make_token_head_tensors(3, 20, 2, 64, torch.bfloat16, "contiguous", generator_from(7))
+    q, k, v = (backend.put(t) for t in tensors)
+    {"q": q, "k": k, "v": v}[where][0, 0, 0] = float("nan")
+    check_non_finite_against_reference(q, k, v, lengths, None, 8)
 
 
 @pytest.mark.parametrize(

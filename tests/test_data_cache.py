@@ -1,9 +1,11 @@
-"""mmv.data.PreprocessCache: keys, memory-mapped hits, atomic writes under concurrency and after crashes."""
+"""mmv.data.PreprocessCache: keys, memory-mapped hits, atomic writes under concurrency and after crashes,
+checksummed entries."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 
 import pytest
 import torch
@@ -72,6 +74,61 @@ def test_partial_and_corrupt_entries_are_misses(tmp_path, source):
     assert float(cache.load(key).pixels[0, 0, 0]) == 4.0
     cache.clear()
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_series_is_keyed_by_each_of_its_files(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for index in range(3):
+        shutil.copyfile(get_testdata_file("CT_small.dcm"), series / f"slice{index}.dcm")
+    cache = PreprocessCache(tmp_path / "cache")
+    first_byte_of_slice = lambda: image_of(float((series / "slice1.dcm").read_bytes()[-1]))  # noqa: E731
+    before = cache.get_or_compute(series, "p", first_byte_of_slice)
+    key = cache.key(series, "p")
+    # Rewrite one slice in place, same size, and put its times back: the directory itself does not change.
+    slice_path = series / "slice1.dcm"
+    status, directory_status = slice_path.stat(), series.stat()
+    data = bytearray(slice_path.read_bytes())
+    data[-1] ^= 0xFF
+    with open(slice_path, "r+b") as stream:
+        stream.write(data)
+    os.utime(slice_path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert series.stat().st_mtime_ns == directory_status.st_mtime_ns and series.stat().st_size == directory_status.st_size
+    assert cache.key(series, "p") != key
+    after = cache.get_or_compute(series, "p", first_byte_of_slice)
+    assert float(after.pixels[0, 0, 0]) == float(data[-1]) != float(before.pixels[0, 0, 0])
+    assert (cache.hits, cache.misses) == (0, 2)
+    changed = cache.key(series, "p")
+    (series / "slice3.dcm").write_bytes(bytes(data))
+    assert cache.key(series, "p") != changed
+
+
+@pytest.mark.parametrize("damage", ["empty array", "empty record", "flipped pixel byte", "flipped header byte", "record of another entry"])
+def test_an_unreadable_or_damaged_entry_is_a_miss_and_is_rewritten(tmp_path, source, damage):
+    cache = PreprocessCache(tmp_path / "cache")
+    key = cache.key(source, "p")
+    cache.store(key, image_of(1.0))
+    array_path, record_path = tmp_path / "cache" / f"{key}.npy", tmp_path / "cache" / f"{key}.json"
+    intact = array_path.read_bytes()
+    if damage == "empty array":
+        array_path.write_bytes(b"")
+    elif damage == "empty record":
+        record_path.write_bytes(b"")
+    elif damage == "flipped pixel byte":
+        array_path.write_bytes(intact[:-3] + bytes([intact[-3] ^ 0x01]) + intact[-2:])
+    elif damage == "flipped header byte":  # the shape (3, 4, 5) read as (3, 4, 4)
+        array_path.write_bytes(intact.replace(b"(3, 4, 5)", b"(3, 4, 4)"))
+    else:
+        cache.store("other", image_of(2.0))
+        record_path.write_bytes((tmp_path / "cache" / "other.json").read_bytes())
+    assert cache.load(key) is None
+    image = cache.get_or_compute(source, "p", lambda: image_of(3.0))
+    assert bool((image.pixels == 3.0).all()) and cache.misses == 1
+    reloaded = cache.load(key)
+    assert reloaded is not None and bool((reloaded.pixels == 3.0).all())
 
 
 def _hammer(directory: str, source: str, value: float, rounds: int) -> None:

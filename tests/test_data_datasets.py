@@ -29,12 +29,14 @@ from mmv.data import (  # noqa: E402
     Manifest,
     MimicCxr,
     MixedDataset,
+    ModalityPreprocess,
     PackedCollate,
     PreprocessCache,
     TokenBudgetBatchSampler,
     XrayPreprocess,
 )
-from mmv.packing import PackedBatch  # noqa: E402
+from mmv.image import Image  # noqa: E402
+from mmv.packing import PackedBatch, pack  # noqa: E402
 from mmv.tokenizer import Tokenizer, count_tokens  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
@@ -323,6 +325,32 @@ def test_skipping_logs_once_and_counts(manifest_root, caplog):
         Manifest(manifest_root / "manifest.csv", on_error="ignore")
 
 
+def test_manifest_reads_the_manifest_mmv_phantom_writes(tmp_path):
+    from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
+
+    settings = PhantomSettings(ct_spacing=(16.0, 16.0, 16.0), xray_spacing=8.0)
+    manifest = write_phantom_dataset(tmp_path, 2, seed=0, settings=settings, progress=False)
+    with open(manifest, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    transform = ModalityPreprocess(CtPreprocess(spacing=(16.0,) * 3), XrayPreprocess(short_side=None, spacing=(8.0, 8.0)))
+    dataset = Manifest(manifest, transform=transform)
+    # split and group describe rows; id names them: none of them is a label.
+    assert dataset.label_names == PHANTOM_FINDINGS and dataset.id_column == "id"
+    assert [record.id for record in dataset.records] == [row["id"] for row in rows]
+    assert [sample.modality for sample in dataset] == [row["modality"] for row in rows]
+    for sample, row in zip(dataset, rows):
+        assert sample.labels.tolist() == [float(row[name]) for name in PHANTOM_FINDINGS]
+
+
+def test_a_bad_label_cell_is_named_by_line_column_and_value(manifest_root, tmp_path):
+    shutil.copy(manifest_root / "xray.png", tmp_path / "xray.png")
+    write_csv(tmp_path / "manifest.csv", ["path", "modality", "effusion", "nodule"],
+              [["xray.png", "DX", "1", ""], ["xray.png", "DX", "0", "maybe"]])
+    with pytest.raises(ValueError, match="manifest.csv: line 3, column 'nodule'.*'maybe'"):
+        Manifest(tmp_path / "manifest.csv")
+    assert Manifest(tmp_path / "manifest.csv", label_columns=["effusion"]).label_names == ("effusion",)
+
+
 def test_mixed_dataset_routes_indices_and_weights(mimic_root, ct_rate_root):
     xrays = MimicCxr(mimic_root, "train")
     cts = CtRate(ct_rate_root, "valid")
@@ -365,6 +393,40 @@ def test_loader_packs_mixed_batches_within_the_budget(mimic_root, ct_rate_root, 
         for label, is_3d in zip(item.labels, item.batch.is_3d):
             assert label.shape == ((18,) if is_3d else (14,))
     assert sorted(seen) == sorted(["d1", "d3", "d5", "valid_1_a_1", "valid_1_a_2", "valid_2_b_1"])
+
+
+class ImageLabelPairs(torch.utils.data.Dataset):
+    """A plain data set of ``(mmv.Image, label)`` items, as a downstream project would write one."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def test_collate_packs_a_plain_image_label_data_set():
+    radiograph = Image(torch.rand(32, 24), (1.0, 1.0), "DX")
+    volume = Image(torch.rand(4, 16, 16), (2.0, 1.0, 1.0), "CT")
+    dataset = ImageLabelPairs([(radiograph, 1), (volume, torch.tensor([0.0, 1.0])), (radiograph, None)])
+    tokenizer = Tokenizer((2, 8, 8))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=PackedCollate(tokenizer, with_labels=True))
+    (item,) = list(loader)
+    expected = pack([tokenizer(radiograph), tokenizer(volume), tokenizer(radiograph)])
+    assert torch.equal(item.batch.patches_2d, expected.patches_2d) and torch.equal(item.batch.patches_3d, expected.patches_3d)
+    assert item.batch.is_3d == expected.is_3d == (False, True, False)
+    assert [label.tolist() for label in item.labels] == [[1.0], [0.0, 1.0], []]
+    assert all(label.dtype == torch.float32 for label in item.labels)
+    assert item.ids == [None, None, None] and item.skipped == 0
+    collate = PackedCollate(tokenizer)
+    assert collate([(radiograph, 0), None]).num_images == 1
+    with pytest.raises(TypeError, match="samples\\[1\\]: the label must be a number, a tensor or None, got str"):
+        collate([(radiograph, 0), (radiograph, "effusion")])
+    with pytest.raises(TypeError, match="samples\\[0\\] must be .*got a tuple of \\(Tensor, int\\)"):
+        collate([(torch.rand(8, 8), 0)])
 
 
 def test_collate_drops_skipped_samples(manifest_root):

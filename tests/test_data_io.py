@@ -107,6 +107,8 @@ def test_directory_with_several_series_lists_them_and_reads_the_chosen_one():
     # so that z runs toward superior.
     assert image.shape == (16, 16, 1)
     np.testing.assert_array_equal(image.pixels.numpy()[:, :, 0], oracle.pixel_array[::-1, :].astype(np.float64))
+    # One slice: its thickness is the header's SliceThickness, not a default.
+    assert image.spacing == pytest.approx((*[float(v) for v in oracle.PixelSpacing], float(oracle.SliceThickness)))
     with pytest.raises(ImageReadError, match="no series"):
         read_image(directory, series_uid="1.2.3")
 
@@ -361,7 +363,7 @@ def written(path: Path, content: bytes) -> Path:
         (lambda d: written(d / "noise.dcm", np.random.default_rng(0).bytes(4096)), "no image reader"),
         (lambda d: written(d / "notes.txt", b"not an image"), "no image reader"),
         (lambda d: written(d / "short.nii", b"\x5c\x01\x00\x00" + bytes(100)), "unsupported or corrupt|NIfTI"),
-        (lambda d: PYDICOM_FILES / "MR_truncated.dcm", "no image reader"),
+        (lambda d: PYDICOM_FILES / "MR_truncated.dcm", "truncated pixel data"),
         (lambda d: NIBABEL_FILES / "T1.PAR", "no image reader"),
         (lambda d: NIBABEL_FILES / "tiny.mnc", "unsupported format"),
         (lambda d: d, "no DICOM series"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from mmv import Image
 from mmv.data import (
     CtPreprocess,
+    ModalityPreprocess,
     XrayPreprocess,
     crop_or_pad,
     ct_window,
@@ -20,7 +22,12 @@ from mmv.data import (
     resample_to_spacing,
     resize_xray,
 )
-from mmv.data.preprocess import resampled_shape
+from mmv.data.preprocess import (
+    DEFAULT_CT_SPACING,
+    DEFAULT_CT_WINDOW,
+    DEFAULT_XRAY_SHORT_SIDE,
+    resampled_shape,
+)
 
 
 def linear_volume(shape, spacing, gradient=(3.0, -2.0, 0.5)) -> Image:
@@ -151,6 +158,39 @@ def test_xray_pipeline_predicts_its_shape():
         XrayPreprocess(short_side=256, spacing=(0.5, 0.5))
 
 
+def test_outputs_beyond_the_voxel_bound_are_refused_before_allocating():
+    # A spacing in metres read as mm once asked the allocator for hundreds of terabytes.
+    huge_spacing = Image(torch.zeros(100, 64, 64), (1e4, 1e4, 1e4), "CT")
+    for run in (
+        lambda: CtPreprocess()(huge_spacing),
+        lambda: CtPreprocess().output_shape(huge_spacing.shape, huge_spacing.spacing),
+        lambda: resample_to_spacing(Image(torch.zeros(64, 64), (1.0, 1.0)), 1e-5),
+        lambda: crop_or_pad(Image(torch.zeros(8, 8), (1.0, 1.0)), (1e6, 1e6)),
+        lambda: CtPreprocess(size_mm=(1e9, None, None))(Image(torch.zeros(4, 8, 8), (1.5, 0.75, 0.75))),
+    ):
+        with pytest.raises(ValueError, match="voxels, more than") as raised:
+            run()
+        assert "spacing" in str(raised.value) or "size_mm" in str(raised.value)
+    # The bound leaves real images alone: a 0.5 mm CT of 512 x 512 x 800 resampled to 0.5 mm.
+    assert CtPreprocess(spacing=(0.5, 0.5, 0.5)).output_shape((800, 512, 512), (0.5, 0.5, 0.5)) == (800, 512, 512)
+
+
+def test_xray_pipeline_refuses_images_too_small_to_resize():
+    # A 1 x 1 image once came out as 512 x 512 without a word.
+    for shape in ((1, 1), (15, 400), (400, 15)):
+        image = Image(torch.rand(shape), (0.2, 0.2), "DX")
+        for run in (
+            lambda: XrayPreprocess()(image),
+            lambda: XrayPreprocess().output_shape(image.shape, image.spacing),
+            lambda: XrayPreprocess(short_side=None, spacing=(0.5, 0.5))(image),
+            lambda: resize_xray(image, short_side=512),
+        ):
+            with pytest.raises(ValueError, match=r"image must have at least 16 pixels per side") as raised:
+                run()
+            assert str(shape) in str(raised.value)
+    assert XrayPreprocess(short_side=32)(Image(torch.rand(16, 20), (0.2, 0.2))).shape == (32, 40)
+
+
 def test_resample_rejects_bad_spacing():
     image = Image(np.zeros((3, 3), dtype=np.float32), (1.0, 1.0))
     with pytest.raises(ValueError, match="target_spacing"):
@@ -159,3 +199,33 @@ def test_resample_rejects_bad_spacing():
         resample_to_spacing(image, (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="antialias"):
         resample_to_spacing(Image(torch.zeros(4, 4, 4), (1.0, 1.0, 1.0)), 2.0, antialias=True)
+
+
+def test_one_set_of_defaults_for_the_pipelines_the_trainer_and_a_new_encoder():
+    from mmv import Encoder
+    from mmv.pretrain_data import modality_preprocess
+    from mmv.train_config import DataConfig
+
+    defaults = ModalityPreprocess()
+    assert defaults == ModalityPreprocess(CtPreprocess(), XrayPreprocess())
+    assert modality_preprocess(DataConfig()) == defaults
+    assert Encoder.from_preset("vit_tiny", depth=1).preprocess == defaults
+    assert CtPreprocess().spacing == DEFAULT_CT_SPACING == DataConfig().ct_spacing
+    assert CtPreprocess().window == DEFAULT_CT_WINDOW == DataConfig().ct_window
+    assert XrayPreprocess().short_side == DEFAULT_XRAY_SHORT_SIDE == DataConfig().xray_short_side
+
+
+def test_the_mixed_transform_routes_by_dimension_and_round_trips_through_json():
+    preprocess = ModalityPreprocess(CtPreprocess(spacing=(2.0, 2.0, 2.0)), XrayPreprocess(short_side=16))
+    volume = Image(torch.zeros(4, 6, 6), (4.0, 4.0, 4.0), "CT")
+    radiograph = Image(torch.rand(40, 32), (0.5, 0.5), "DX")
+    assert preprocess(volume).shape == preprocess.output_shape(volume.shape, volume.spacing) == (8, 12, 12)
+    assert preprocess(radiograph).shape == preprocess.output_shape(radiograph.shape, radiograph.spacing) == (20, 16)
+    values = json.loads(json.dumps(preprocess.to_dict()))
+    assert ModalityPreprocess.from_dict(values) == preprocess
+    with pytest.raises(ValueError, match="preprocess.ct.*unknown \\['voxel'\\]"):
+        ModalityPreprocess.from_dict({**values, "ct": {**values["ct"], "voxel": 1}})
+    with pytest.raises(ValueError, match="missing \\['xray'\\]"):
+        ModalityPreprocess.from_dict({"ct": values["ct"]})
+    with pytest.raises(TypeError, match="ct must be a CtPreprocess"):
+        ModalityPreprocess(XrayPreprocess(), XrayPreprocess())

@@ -1,16 +1,18 @@
 """mmv.Encoder: configs, batch invariances, 2D/3D weight sharing, gradients, checkpoints, bad input, compile."""
 
 import json
+import shutil
 import sys
 
 import pytest
 import torch
 
+from mmv.data import CtPreprocess, ModalityPreprocess, XrayPreprocess
 from mmv.image import Image
 from mmv.model import checkpoint
 from mmv.model.checkpoint import CheckpointError
 from mmv.model.config import EncoderConfig
-from mmv.model.encoder import Encoder, EncoderOutput
+from mmv.model.encoder import Encoder, EncoderOutput, MissingPreprocessWarning
 from mmv.model.layers import PackedContext, drop_path_per_image
 from mmv.packing import PackedBatch, pack
 from mmv.tokenizer import Tokenizer
@@ -133,6 +135,23 @@ def test_a_2d_image_equals_the_image_repeated_pz_times_as_a_one_token_deep_volum
     torch.testing.assert_close(flat.batch.coords_mm, deep.batch.coords_mm, rtol=0, atol=0)
     close(flat.cls, deep.cls, atol=1e-4)
     close(flat.patch_tokens, deep.patch_tokens, atol=1e-4)
+
+
+def test_a_channel_first_2d_array_is_the_2d_image():
+    # [1, H, W] once took the 3D path and gave another CLS than [H, W].
+    encoder = tiny_encoder()
+    image = torch.randn(16, 24, generator=torch.Generator().manual_seed(7))
+    flat, channel_first = encoder([image]), encoder([image[None]])
+    assert not channel_first.batch.is_3d[0]
+    torch.testing.assert_close(channel_first.cls, flat.cls, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (32, 32, 3), (32, 32, 1), (4, 32, 32), (1, 3, 32, 32), (1, 1, 32, 32)])
+def test_arrays_that_may_be_colour_images_raise_naming_the_input_and_shape(shape):
+    # (H, W, 3) and (3, H, W) were once encoded as volumes of 32 or 3 slices.
+    with pytest.raises(ValueError, match="ambiguous") as raised:
+        tiny_encoder()([torch.zeros(16, 16), torch.zeros(shape)])
+    assert "inputs[1]" in str(raised.value) and str(shape) in str(raised.value)
 
 
 def test_physical_spacing_changes_the_encoding():
@@ -353,6 +372,145 @@ def test_missing_or_invalid_checkpoint_files_raise_naming_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Encoder.from_pretrained(tmp_path)
+
+
+def test_the_preprocessing_travels_with_the_saved_encoder(tmp_path):
+    encoder = tiny_encoder()
+    assert encoder.preprocess == ModalityPreprocess()
+    encoder.preprocess = ModalityPreprocess(
+        CtPreprocess(spacing=(4.0, 2.0, 2.0), window=(-1200.0, 600.0), size_mm=(None, 300.0, 300.0)),
+        XrayPreprocess(short_side=None, spacing=(1.0, 1.0), percentiles=(1.0, 99.0)),
+    )
+    encoder.save_pretrained(tmp_path / "enc")
+    copied = shutil.copytree(tmp_path / "enc", tmp_path / "elsewhere")
+    loaded = Encoder.from_pretrained(copied)
+    assert loaded.preprocess == encoder.preprocess
+    volume = Image(torch.randn(8, 12, 12) * 500, (8.0, 4.0, 4.0), "CT")
+    assert loaded.preprocess(volume).spacing == (4.0, 2.0, 2.0)
+    encoder.preprocess = "ct 1.5 mm"
+    with pytest.raises(TypeError, match="preprocess"):
+        encoder.save_pretrained(tmp_path / "bad")
+
+
+def test_an_encoder_directory_without_recorded_preprocessing_loads_with_the_defaults_and_a_warning(tmp_path):
+    tiny_encoder().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "preprocess"}))
+    with pytest.warns(MissingPreprocessWarning, match="config.json.*default"):
+        loaded = Encoder.from_pretrained(tmp_path)
+    assert loaded.preprocess == ModalityPreprocess()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "preprocess": {"ct": config["preprocess"]["ct"]}}))
+    with pytest.raises(CheckpointError, match="config.json.*preprocess.*missing \\['xray'\\]"):
+        Encoder.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_accepts_the_config_or_weights_file_of_the_directory(tmp_path):
+    encoder = tiny_encoder()
+    encoder.save_pretrained(tmp_path / "enc")
+    for path in (tmp_path / "enc" / "config.json", tmp_path / "enc" / "model.safetensors"):
+        loaded = Encoder.from_pretrained(path)
+        assert torch.equal(loaded.cls_token, encoder.cls_token)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="notes.txt.*directory save_pretrained wrote"):
+        Encoder.from_pretrained(tmp_path / "notes.txt")
+
+
+def test_a_config_missing_a_field_names_it_instead_of_blaming_the_weights(tmp_path):
+    tiny_encoder().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["embed_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json.*missing required keys \\['embed_dim'\\]"):
+        Encoder.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="missing required keys \\['depth', 'mlp'\\]"):
+        EncoderConfig.from_dict({k: v for k, v in EncoderConfig().to_dict().items() if k not in ("depth", "mlp")})
+
+
+def test_every_size_is_bounded_and_the_presets_fit():
+    for name in ("vit_tiny", "vit_small", "vit_base", "vit_large"):
+        EncoderConfig.from_preset(name)
+    EncoderConfig(embed_dim=16384, num_heads=64, depth=1, mlp_ratio=1.0, num_registers=1024)
+    EncoderConfig(embed_dim=64, num_heads=1, depth=512, mlp_ratio=64.0, patch_size=(1, 512, 512))
+    for overrides, field in [
+        ({"depth": 513}, "depth"),
+        ({"embed_dim": 2**20, "num_heads": 2**13}, "embed_dim"),
+        ({"num_registers": 1025}, "num_registers"),
+        ({"mlp_ratio": 64.5}, "mlp_ratio"),
+        ({"patch_size": (1, 513, 16)}, "patch_size"),
+        ({"embed_dim": 16384, "num_heads": 64, "depth": 512}, "parameters"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            EncoderConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"depth": 10**7},
+        {"embed_dim": 2**20, "num_heads": 2**13},
+        {"num_registers": 10**9},
+        {"embed_dim": 8192, "num_heads": 32, "depth": 512},
+    ],
+)
+def test_an_oversized_config_raises_a_checkpoint_error_before_any_allocation(tmp_path, monkeypatch, hostile):
+    tiny_encoder().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **hostile}))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built from an unchecked config")
+
+    monkeypatch.setattr(Encoder, "__init__", no_model)
+    with pytest.raises(CheckpointError, match="config.json.*at most|config.json.*parameters") as error:
+        Encoder.from_pretrained(tmp_path)
+    assert error.value.path == str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"embed_dim": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+def test_a_deeply_nested_config_raises_a_checkpoint_error(tmp_path, text):
+    tiny_encoder().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match="config.json.*nested too deeply"):
+        Encoder.from_pretrained(tmp_path)
+
+
+def test_a_huge_config_file_is_not_read(tmp_path):
+    tiny_encoder().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"padding": "x" * (2 << 20)}))
+    with pytest.raises(CheckpointError, match="config.json.*more than a config can be"):
+        Encoder.from_pretrained(tmp_path)
+
+
+def test_one_checkpoint_error_class_for_training_checkpoints_and_encoder_directories(tmp_path):
+    import mmv
+    import mmv.checkpoint
+
+    assert mmv.CheckpointError is CheckpointError is mmv.checkpoint.CheckpointError
+    broken = tmp_path / "step_00000001.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(mmv.CheckpointError, match="step_00000001.pt"):
+        mmv.checkpoint.load_checkpoint(broken)
+
+
+def test_a_full_disk_while_saving_says_so_and_leaves_the_old_files(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    from mmv import files
+
+    encoder = tiny_encoder()
+    encoder.save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "open", lambda path, mode: FullDisk(path, mode), raising=False)
+    with pytest.raises(OSError, match=f"no space left on {tmp_path}") as error:
+        tiny_encoder(embed_dim=64).save_pretrained(tmp_path)
+    assert error.value.errno == errno.ENOSPC
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,6 +59,24 @@ def test_run_probe_writes_json_markdown_and_roc_plot(tmp_path):
     assert run.outputs["roc_plot"].read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_run_probe_probes_one_modality_of_a_mixed_table(tmp_path):
+    features_dir = phantom_table(tmp_path / "features")
+    runs = {
+        modality: run_probe(
+            features_dir, "manifest", tmp_path / "out", modality=modality, num_resamples=50, progress=False
+        )
+        for modality in (CT_MODALITY, XRAY_MODALITY)
+    }
+    for modality, run in runs.items():
+        assert run.outputs["json"].name == f"manifest_{modality}.json" and run.outputs["json"].is_file()
+        summary = json.loads(run.outputs["json"].read_text())
+        # 160 phantoms, one row each in this modality (the whole table has 320).
+        assert summary["modality"] == modality and summary["rows"] == {"train": 100, "val": 20, "test": 40}
+        assert summary["macro_auroc"] > 0.9
+    with pytest.raises(ValueError, match="modality 'MR' has 0 rows.*'CT', 'DX'"):
+        run_probe(features_dir, "manifest", tmp_path / "out", modality="MR", progress=False)
+
+
 def test_run_probe_with_a_data_set_protocol(tmp_path):
     label_dir = tmp_path / "ctrate" / "dataset" / "multi_abnormality_labels"
     label_dir.mkdir(parents=True)

@@ -2,11 +2,13 @@ import argparse
 import csv
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from mmv.data import ModalityPreprocess
 from mmv.data.datasets import CHEXPERT_LABELS
 from mmv.data.io import ImageReadError
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
@@ -21,7 +23,7 @@ from mmv.eval.embed import (
     run_embed,
 )
 from mmv.eval.features import FeatureTableError, read_feature_table
-from mmv.model import CheckpointError, Encoder, EncoderConfig
+from mmv.model import CheckpointError, Encoder, EncoderConfig, MissingPreprocessWarning
 from mmv.train import Trainer
 
 from train_helpers import SyntheticImages, tiny_config
@@ -188,16 +190,44 @@ def test_training_checkpoint_run_directory_and_encoder_directory_give_the_same_f
     run_dir = tmp_path / "run"
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
 
+    # The encoder directory records the run's preprocessing itself, so a copy of it alone embeds the same.
+    copied = shutil.copytree(run_dir / "encoder", tmp_path / "elsewhere" / "encoder")
+
     features = {}
-    for name, source in (("checkpoint", checkpoint), ("run", run_dir), ("encoder", run_dir / "encoder")):
+    sources = {"checkpoint": (checkpoint, "the pretraining run"), "run": (run_dir, "the encoder"),
+               "encoder": (run_dir / "encoder", "the encoder"), "copied": (copied, "the encoder")}
+    for name, (source, base) in sources.items():
         # No preprocessing arguments: the run's own (the phantoms' spacings) must be used.
         run_embed(source, DatasetSpec("manifest", manifest), tmp_path / name, progress=False)
         features[name] = np.array(read_feature_table(tmp_path / name).features)
         record = json.loads((tmp_path / name / RUN_FILE).read_text())
-        assert record["preprocess_from"] == {"base": "the pretraining run", "arguments": []}
+        assert record["preprocess_from"] == {"base": base, "arguments": []}
         assert record["settings"]["preprocess"]["ct"]["spacing"] == list(CT_SPACING)
+        assert record["settings"]["preprocess"]["xray"]["spacing"] == [XRAY_SPACING, XRAY_SPACING]
     np.testing.assert_array_equal(features["checkpoint"], features["encoder"])
     np.testing.assert_array_equal(features["run"], features["encoder"])
+    np.testing.assert_array_equal(features["copied"], features["encoder"])
+
+
+def test_encoder_directory_without_recorded_preprocessing_uses_the_run_beside_it_else_warns(manifest, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, steps=2, data={"ct_spacing": list(CT_SPACING), "xray_spacing": XRAY_SPACING})
+    Trainer(config, dataset=SyntheticImages(6)).train()
+    # An encoder directory as mmv wrote it before it recorded the preprocessing.
+    config_path = run_dir / "encoder" / "config.json"
+    values = json.loads(config_path.read_text())
+    del values["preprocess"]
+    config_path.write_text(json.dumps(values))
+    copied = shutil.copytree(run_dir / "encoder", tmp_path / "copied")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingPreprocessWarning)
+        in_run = load_encoder(run_dir / "encoder")
+    assert in_run.preprocess_from == "the pretraining run"
+    assert in_run.preprocess.ct.spacing == CT_SPACING == in_run.encoder.preprocess.ct.spacing
+    with pytest.warns(MissingPreprocessWarning, match="config.json"):
+        alone = load_encoder(copied)
+    assert alone.preprocess_from == "the defaults" and alone.preprocess == ModalityPreprocess()
 
 
 def test_embed_command_arguments(manifest, tmp_path, capsys):
@@ -219,7 +249,7 @@ def test_embed_command_arguments(manifest, tmp_path, capsys):
     assert len(table.index) == 2 * NUM_PHANTOMS
     record = json.loads((tmp_path / "features" / RUN_FILE).read_text())
     assert record["checkpoint"] == str(encoder_dir)
-    assert record["preprocess_from"] == {"base": "the defaults", "arguments": ["ct_spacing", "xray_spacing"]}
+    assert record["preprocess_from"] == {"base": "the encoder", "arguments": ["ct_spacing", "xray_spacing"]}
     with pytest.raises(SystemExit):
         parser.parse_args([str(encoder_dir), "--dataset", "nifti", "--data", "x", "--out", "y"])
     with pytest.raises(SystemExit):
@@ -291,3 +321,24 @@ def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
     (tmp_path / "table" / "features.json").write_text("{}")
     with pytest.raises(FeatureTableError, match="did not write"):
         embed(tiny_encoder(), manifest, tmp_path / "table")
+
+
+@pytest.mark.parametrize(
+    "config_text",
+    [
+        json.dumps({"model": {"preset": "vit_tiny", "options": {"depth": 10**7}}, "data": {}}),
+        json.dumps({"model": {"preset": "vit_tiny", "options": {"num_registers": 10**9}}, "data": {}}),
+        "[" * 100_000 + "]" * 100_000,
+    ],
+)
+def test_a_hostile_run_config_in_a_training_checkpoint_raises_before_any_model_is_built(tmp_path, monkeypatch, config_text):
+    from mmv.checkpoint import save_checkpoint
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built from an unchecked config")
+
+    monkeypatch.setattr(Encoder, "__init__", no_model)
+    state = {"format": "mmv-pretrain-checkpoint", "teacher": {}, "config": config_text}
+    path = save_checkpoint(tmp_path, 1, state)
+    with pytest.raises(CheckpointError, match=f"{path}: .*(at most|nested too deeply)"):
+        load_encoder(path)

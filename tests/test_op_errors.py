@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md ("Bad input, for every op") and csrc/checks.h raises a Python exception
+"""Every bad input of docs/design.md ("Bad input, for every op") and csrc/checks.h raises a Python exception
 whose message names the argument: through the compiled CPU kernels, the public functions and the
 reference fallback."""
 
@@ -103,6 +103,12 @@ ROPE_BAD_INPUTS = [
     BadInput("sections_four_axes", replaced(sections=lambda a: [1, 1, 1, 1]), ValueError, "sections"),
     BadInput("sections_negative", replaced(sections=lambda a: [3, -1, 1]), ValueError, "sections"),
     BadInput("sections_beyond_head_dim", replaced(sections=lambda a: [2, 2, 1]), ValueError, "sections"),
+    # Sums that overflow int64 once wrapped to a small number and reached a C++ allocation.
+    BadInput("sections_sum_overflows", replaced(sections=lambda a: [2**63 - 1, 1, 0]), ValueError, "sections"),
+    BadInput(
+        "sections_sum_wraps_to_zero", replaced(sections=lambda a: [2**62, 2**62, 2**63 - 1]), ValueError, "sections"
+    ),
+    BadInput("sections_huge", replaced(sections=lambda a: [2**63 - 1, 0, 0]), ValueError, "sections"),
 ]
 
 
@@ -124,6 +130,12 @@ def test_rope3d_rejects(bad, op_path):
     with pytest.raises(bad.error) as raised:
         rope3d(**bad.change(valid_rope_args()))
     assert_names_argument(raised, bad.argument)
+
+
+def test_rope3d_rejects_sections_beyond_int64(op_path):
+    with pytest.raises(ValueError) as raised:
+        rope3d(**replaced(sections=lambda a: [2**64, 0, 0])(valid_rope_args()))
+    assert_names_argument(raised, "sections")
 
 
 # packed_attention ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """packed_attention's compiled CPU kernels against the reference of mmv.ops.reference, and the
-properties block-diagonal attention must have (DESIGN.md, "Op: packed_attention")."""
+properties block-diagonal attention must have (docs/design.md, "Op: packed_attention")."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from conftest import (
     OP_SETTINGS,
     TOLERANCES,
     assert_matches,
+    assert_same_non_finite,
     attention_problems,
     cu_seqlens_of,
     generator_from,
     make_token_head_tensors,
+    non_finite_attention_problems,
     seeds,
 )
 from hypothesis import given
@@ -77,6 +79,68 @@ def test_public_op_matches_float64_reference_with_gradients(problem, seed):
     for name, grad, expected in zip(("dq", "dk", "dv"), grads, expected_grads):
         assert grad.dtype == q.dtype
         assert_matches(grad, expected, tolerance.backward, name)
+
+
+def sequences_with_an_infinite_lse(lse: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """(T, H, 1) boolean: the (sequence, head) of each token holds a token whose lse is +inf."""
+    flags = []
+    for start, length in zip(cu_seqlens_of(lengths).tolist(), lengths):
+        any_inf = (lse[:, start : start + length] == float("inf")).any(dim=1)  # (H,)
+        flags.append(any_inf.expand(length, -1))
+    return torch.cat(flags)[..., None] if flags else torch.zeros(0, lse.shape[0], 1, dtype=torch.bool)
+
+
+def check_non_finite_against_reference(q, k, v, lengths, scale, seed, deterministic=False):
+    """packed_attention on q's device against the float64 reference, for inputs holding NaN or inf.
+
+    A NaN or inf in q, k or v (a diverging run) must reach the output and gradients wherever it reaches
+    the reference's: never dropped as if masked, never spread to other sequences or heads. The one
+    documented difference: a row with a +inf score has lse NaN (torch.logsumexp: +inf), so every
+    gradient of its sequence and head that the row touches is NaN.
+    """
+    device = q.device
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    cu_seqlens = cu_seqlens_of(lengths)
+    grad_out = torch.randn(q.shape, generator=generator_from(seed)).to(q.dtype).to(device)
+    scale_value = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = torch.ops.mmv.packed_attention_fwd(q, k, v, cu_seqlens.to(device), -1, scale_value, True, deterministic)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    cpu = [t.detach().cpu() for t in (q, k, v)]
+    expected_out, expected_lse = reference_float64(*cpu, cu_seqlens, scale)
+    # Without the op's out: the correction of D by (out - exact) would be inf - inf where out is infinite.
+    expected_grads = reference_gradients_float64(grad_out.cpu(), *cpu, cu_seqlens, scale)
+    tolerance = TOLERANCES[q.dtype]
+    assert_same_non_finite(out.cpu(), expected_out, tolerance.forward, "out")
+    lse_may_be_nan = expected_lse == float("inf")
+    assert_same_non_finite(lse.cpu(), expected_lse, TOLERANCES[torch.float32].forward, "lse", lse_may_be_nan)
+    infinite_lse = sequences_with_an_infinite_lse(expected_lse, lengths)
+    for name, grad, expected in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert grad.dtype == q.dtype
+        assert_same_non_finite(grad.cpu(), expected, tolerance.backward, name, infinite_lse)
+
+
+@OP_SETTINGS
+@given(problem=non_finite_attention_problems(st.sampled_from([*LOW_AND_SINGLE_PRECISION, torch.float64])), seed=seeds)
+def test_non_finite_inputs_propagate_as_in_the_reference(problem, seed):
+    check_non_finite_against_reference(*problem, seed)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_nan_poisons_what_it_touches_in_its_sequence_and_head(where):
+    # The case the CPU kernel once got wrong: a NaN in k was dropped as if masked, one in q gave a finite row.
+    q, k, v = make_token_head_tensors(3, 20, 2, 16, torch.float32, "contiguous", generator_from(7))
+    {"q": q, "k": k, "v": v}[where][0, 0, 0] = float("nan")
+    out, lse = forward(q, k, v, cu_seqlens_of([5, 15]))
+    expected_out, expected_lse = torch.zeros(out.shape, dtype=torch.bool), torch.zeros(lse.shape, dtype=torch.bool)
+    if where == "q":  # token 0's scores, and so its row
+        expected_out[0, 0], expected_lse[0, 0] = True, True
+    elif where == "k":  # every score of the first sequence's head 0
+        expected_out[:5, 0], expected_lse[0, :5] = True, True
+    else:  # channel 0 of the first sequence's head 0; the scores stay finite
+        expected_out[:5, 0, 0] = True
+    assert torch.equal(out.isnan(), expected_out)
+    assert torch.equal(lse.isnan(), expected_lse)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """rope3d's compiled CPU kernel against the reference of mmv.ops.reference, and the properties a
-rotary embedding must have (DESIGN.md, "Op: rope3d")."""
+rotary embedding must have (docs/design.md, "Op: rope3d")."""
 
 from __future__ import annotations
 

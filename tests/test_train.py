@@ -1,17 +1,29 @@
 """The trainer: configs, checkpoints, a run's outputs, and exact resume."""
 
 import dataclasses
+import errno
+import io
 import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from mmv import files
 from mmv.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
 from mmv.pretrain_data import modality_preprocess
 from mmv.train import Trainer
-from mmv.train_config import PretrainConfig, apply_overrides, load_config
+from mmv.train_config import ModelConfig, OptimConfig, PretrainConfig, RunSettings, apply_overrides, load_config
 
 from train_helpers import SyntheticImages, tiny_config
 
@@ -62,6 +74,48 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=abc", "optim.lr must be a number, got 'abc'"),
+        ("optim.steps=true", "optim.steps must be an integer, got True"),
+        ("run.seed=1.5", "run.seed must be an integer, got 1.5"),
+        ('data.ct_spacing=[1.5, "a", 1.5]', "data.ct_spacing must be a list of 3 numbers"),
+        ("augment.global_size_2d=[224]", "augment.global_size_2d must be a list of 2 integers, got [224]"),
+        ("augment.flip_axes=[1]", "augment.flip_axes must be a list of strings"),
+        ("data.sources=3", "data.sources must be a list of tables, got 3"),
+        ("optim.clip_grad=off", 'optim.clip_grad must be a number or "none"'),
+        ("run.progress=1", "run.progress must be true or false, got 1"),
+        ('model.options.embed_dim="abc"', "model.options: EncoderConfig: embed_dim must be an int"),
+    ],
+)
+def test_every_config_field_is_type_checked_when_the_config_is_built(override, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_config_values_are_normalised_and_checked_on_direct_construction():
+    config = load_config(None, ["optim.lr=1", "optim.clip_grad=none", "data.ct_spacing=[2, 2, 2]"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float) and config.optim.clip_grad is None
+    assert config.data.ct_spacing == (2.0, 2.0, 2.0)
+    with pytest.raises(TypeError, match="optim.warmup_steps must be an integer"):
+        OptimConfig(warmup_steps="10")
+    with pytest.raises(ValueError, match="model.preset must be one of"):
+        ModelConfig(preset="vit_huge")
+    with pytest.raises(ValueError, match="run.bf16 must be true, false or 'auto'"):
+        RunSettings(bf16="yes")
+
+
+def test_a_warmup_longer_than_the_run_is_flagged_naming_both_keys():
+    with pytest.warns(UserWarning, match=re.escape("optim.warmup_steps (100) is longer than the run (optim.steps = 50)")):
+        load_config(None, ["optim.steps=50", "ssl.teacher_temperature_warmup_steps=10"])
+    with pytest.warns(UserWarning, match=re.escape("ssl.teacher_temperature_warmup_steps (300) is longer than the run")):
+        load_config(None, ["optim.steps=200"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["optim.steps=300"])
+
+
 def test_checkpoints_keep_the_last_k_and_refuse_corrupt_files(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, {"step": step, "weights": torch.ones(2) * step}, keep=2)
@@ -75,7 +129,8 @@ def test_checkpoints_keep_the_last_k_and_refuse_corrupt_files(tmp_path):
 
 
 def test_a_run_writes_metrics_plot_checkpoints_and_encoder(tmp_path):
-    history = Trainer(tiny_config(tmp_path, steps=4), dataset=SyntheticImages()).train()
+    config = tiny_config(tmp_path, steps=4)
+    history = Trainer(config, dataset=SyntheticImages()).train()
     assert [record["step"] for record in history] == [1, 2, 3, 4]
     assert all(record["tokens"] > 0 for record in history)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +140,7 @@ def test_a_run_writes_metrics_plot_checkpoints_and_encoder(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt", "step_00000004.pt"]
     encoder = Encoder.from_pretrained(tmp_path / "encoder")
     assert encoder.config.embed_dim == 32
+    assert encoder.preprocess == modality_preprocess(config.data)  # the run's preprocessing travels with it
 
 
 def test_resumed_run_continues_with_the_same_losses(tmp_path):
@@ -110,3 +166,206 @@ def test_training_moves_the_weights_and_the_teacher_follows(tmp_path):
     after = trainer.student.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(teacher_before[k], v) for k, v in trainer.teacher.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged checkpoints, interrupted metrics, failing disks
+
+
+def _losses(records):
+    return [(r["loss"], r["dino"], r["ibot"], r["koleo"]) for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_history(tmp_path_factory):
+    threads = torch.get_num_threads()
+    try:
+        return Trainer(tiny_config(tmp_path_factory.mktemp("uninterrupted"), steps=6), dataset=SyntheticImages()).train()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_flipped_byte_in_a_checkpoint_fails_its_checksum(tmp_path):
+    weights = torch.arange(1000, dtype=torch.float32)
+    path = save_checkpoint(tmp_path, 1, {"weights": weights, "note": "x", "numbers": [1, 2.5, None]})
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["weights"], weights) and loaded["numbers"] == [1, 2.5, None] and "sha256" not in loaded
+    data = bytearray(path.read_bytes())
+    data[data.find(weights.numpy().tobytes()) + 1234] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="step_00000001.pt: .*does not match its checksum"):
+        load_checkpoint(path)
+    torch.save({"weights": weights}, path)  # a file without a checksum is not a checkpoint of ours
+    with pytest.raises(CheckpointError, match="step_00000001.pt: .*no 'sha256' checksum"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_resume_falls_back_past_a_damaged_checkpoint_and_cuts_the_metrics_back(tmp_path, uninterrupted_history, damage):
+    dataset = SyntheticImages()
+    Trainer(tiny_config(tmp_path, steps=6), dataset=dataset).train(until_step=4)
+    newest = tmp_path / "checkpoints" / "step_00000004.pt"
+    data = newest.read_bytes()
+    if damage == "truncated":
+        newest.write_bytes(data[: len(data) // 2])
+    else:
+        cls_token = load_checkpoint(newest)["teacher"]["module.encoder.cls_token"].numpy().tobytes()
+        offset = data.find(cls_token)
+        newest.write_bytes(data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :])
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as stream:
+        stream.write('{"step": 5, "loss": 1.2')  # a kill in the middle of a line
+    with pytest.warns(RuntimeWarning, match="step_00000004.pt"):
+        trainer = Trainer(tiny_config(tmp_path, steps=6), dataset=dataset, resume=True)
+    assert trainer.step == 2 and trainer.resumed_from == tmp_path / "checkpoints" / "step_00000002.pt"
+    assert _losses(trainer.train()) == _losses(uninterrupted_history[2:])
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert _losses(metrics) == _losses(uninterrupted_history)
+
+
+def test_resume_cuts_the_metrics_of_steps_after_the_last_checkpoint(tmp_path, uninterrupted_history):
+    dataset = SyntheticImages()
+    Trainer(tiny_config(tmp_path, steps=6), dataset=dataset).train(until_step=3)
+    # A kill after step 3 was logged but before its checkpoint was written: the run resumes from step 2.
+    (tmp_path / "checkpoints" / "step_00000003.pt").unlink()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    trainer = Trainer(tiny_config(tmp_path, steps=6), dataset=dataset, resume=True)
+    trainer.train(until_step=4)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert _losses(metrics) == _losses(uninterrupted_history[:4])
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_raises_a_checkpoint_error_naming_it(tmp_path):
+    dataset = SyntheticImages()
+    Trainer(tiny_config(tmp_path / "run", steps=2), dataset=dataset).train()
+    good = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002.pt")
+    some_weight = next(iter(good["teacher"]))
+    exp_avg_index = next(iter(good["optimizer"]["state"]))
+    damaged = {
+        r"lacks \['optimizer'\]": {k: v for k, v in good.items() if k != "optimizer"},
+        "teacher: .*missing": {**good, "teacher": {k: v for k, v in good["teacher"].items() if k != some_weight}},
+        "student: .*shape": {**good, "student": {k: v[..., :1] if v.dim() else v for k, v in good["student"].items()}},
+        "optimiser state 'exp_avg'.*shape": {
+            **good,
+            "optimizer": {
+                **good["optimizer"],
+                "state": {
+                    **good["optimizer"]["state"],
+                    exp_avg_index: {**good["optimizer"]["state"][exp_avg_index], "exp_avg": torch.zeros(7, 3)},
+                },
+            },
+        },
+        "random states of 2 processes": {**good, "rng": good["rng"] * 2},
+        "random generator": {**good, "rng": [{**good["rng"][0], "torch": torch.zeros(3)}]},
+        "'step' must be a non-negative int": {**good, "step": -1},
+    }
+    for index, (message, state) in enumerate(damaged.items()):
+        run = tmp_path / f"damaged{index}"
+        path = save_checkpoint(run / "checkpoints", 2, state)
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: .*{message}") as error, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Trainer(tiny_config(run, steps=4), dataset=dataset, resume=True)
+        assert error.value.path == str(run / "checkpoints")
+    wider = tiny_config(tmp_path / "run", steps=4, model={"preset": "vit_tiny", "options": {"embed_dim": 64, "depth": 2, "num_heads": 2, "patch_size": [4, 8, 8]}})
+    with pytest.raises(CheckpointError, match="step_00000002.pt: student: weight .* has shape"), pytest.warns(RuntimeWarning):
+        Trainer(wider, dataset=dataset, resume=True)
+
+
+def test_an_unwritable_out_dir_fails_before_data_and_model_set_up(tmp_path, monkeypatch):
+    import mmv.train
+
+    def no_set_up(*args, **kwargs):
+        raise AssertionError("the model was set up before the output directory was checked")
+
+    monkeypatch.setattr(mmv.train, "Encoder", no_set_up)
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"run.out_dir: cannot write to {blocker / 'run'}"):
+        Trainer(tiny_config(blocker / "run"))
+    if os.geteuid() == 0:  # permissions do not stop root
+        return
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match=f"run.out_dir: cannot write to {read_only}"):
+            Trainer(tiny_config(read_only))
+    finally:
+        read_only.chmod(0o700)
+
+
+class _DiskFullAfter(io.FileIO):
+    """A file on a disk that fills up after ``capacity`` bytes."""
+
+    capacity = 4096
+
+    def write(self, data):
+        if self.tell() + len(data) > self.capacity:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    previous = save_checkpoint(tmp_path, 1, {"weights": torch.ones(3)})
+    monkeypatch.setattr(files, "open", lambda path, mode: _DiskFullAfter(path, mode), raising=False)
+    with pytest.raises(OSError, match=f"no space left on {tmp_path} \\(writing step_00000002.pt\\)") as error:
+        save_checkpoint(tmp_path, 2, {"weights": torch.ones(100_000)})
+    assert error.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert list_checkpoints(tmp_path) == [previous] and sorted(p.name for p in tmp_path.iterdir()) == [previous.name]
+    assert torch.equal(load_checkpoint(previous)["weights"], torch.ones(3))
+
+
+def test_the_temporary_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path):
+    (tmp_path / "step_00000001.pt.4321.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path, 2, {"weights": torch.ones(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002.pt"]
+
+
+def test_checkpoints_are_fsynced_and_so_is_their_directory_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording(descriptor):
+        synced.append("directory" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    save_checkpoint(tmp_path, 1, {"weights": torch.ones(3)})
+    assert synced == ["file", "directory"]
+
+
+KILLED_WORKER = """
+import sys
+from train_helpers import SyntheticImages, tiny_config
+from mmv.train import Trainer
+
+Trainer(tiny_config(sys.argv[1], steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages()).train()
+"""
+
+
+def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path, uninterrupted_history):
+    script = tmp_path / "worker.py"
+    script.write_text(KILLED_WORKER)
+    out = tmp_path / "run"
+    tests = Path(__file__).resolve().parent
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), environment.get("PYTHONPATH", "")])
+    worker = subprocess.Popen([sys.executable, str(script), str(out)], env=environment, stderr=subprocess.PIPE)
+    try:
+        # Killed once step 3 is logged: in step 4's forward pass, or while checkpoint 3 or 4 is being written.
+        metrics = out / "metrics.jsonl"
+        while worker.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.01)
+        assert worker.poll() is None, worker.stderr.read().decode()[-4000:]
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    trainer = Trainer(tiny_config(out, steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages(), resume=True)
+    assert trainer.step >= 2
+    trainer.train()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert _losses(records) == _losses(uninterrupted_history)
+    assert not list((out / "checkpoints").glob("*.tmp"))

@@ -181,14 +181,17 @@ MMV_INLINE void softmax_step(const float* scores, int64_t rows, int64_t valid, i
       vmax = simd::vmax(vmax, tail);
     }
     const float m_new = std::max(row_max[r], simd::hmax(vmax));
+    // The maximum may drop a NaN score, but 2^(NaN - base) is NaN, so the row's sum and output become
+    // NaN as in the reference. While every score seen is -inf, base 0 keeps -inf - base at -inf (not NaN).
+    const float base = m_new == kNegInf ? 0.f : m_new;
     VecF vsum = VecF{};
     for (int64_t c = 0; c < full; c += L) {
-      const VecF p = simd::exp2<kExpDegree>(simd::load(s + c) * scale_log2 - m_new);
+      const VecF p = simd::exp2<kExpDegree>(simd::load(s + c) * scale_log2 - base);
       vsum += p;
       simd::store_computed(p_row + c, p);
     }
     for (int64_t c = full; c < width; c += L) {
-      const VecF p = c == full ? simd::exp2<kExpDegree>(tail - m_new) : VecF{};
+      const VecF p = c == full ? simd::exp2<kExpDegree>(tail - base) : VecF{};
       vsum += p;
       simd::store_computed(p_row + c, p);
     }
@@ -210,19 +213,25 @@ MMV_INLINE void scale_rows(float* acc, int64_t rows, int64_t padded_dim, const f
 
 // Backward tile step, in the transposed orientation (rows = keys, columns = queries), base 2:
 //   P^T = 2^(scale_log2 * S^T - lse_log2[q]),  dS^T = P^T * (dP^T - delta[q])
-// over `keys` rows and `width` columns. Columns past the tile's queries must come with lse_log2 = +inf
-// and delta = 0, which makes them exactly zero. Writes P^T and dS^T in compute type (A operands of
-// the dV and dK products, and B operand of the dQ product).
+// over `keys` rows and `width` columns (width = `queries` rounded up to 16). Columns past the tile's
+// queries are set to zero: their scores are a key times a zero-padded query, which is NaN for a key
+// holding inf or NaN, and must not reach that key's dK and dV. Writes P^T and dS^T in compute type (A
+// operands of the dV and dK products, and B operand of the dQ product).
 template <typename compute_t>
-MMV_INLINE void backward_step(const float* scores_t, const float* dprobs_t, int64_t keys, int64_t width,
-                              float scale_log2, const float* lse_log2, const float* delta, compute_t* probs_t,
-                              compute_t* dscores_t) {
+MMV_INLINE void backward_step(const float* scores_t, const float* dprobs_t, int64_t keys, int64_t queries,
+                              int64_t width, float scale_log2, const float* lse_log2, const float* delta,
+                              compute_t* probs_t, compute_t* dscores_t) {
   constexpr int kExpDegree = std::is_same_v<compute_t, float> ? 6 : 5;
+  const int64_t full = queries / simd::kLanes * simd::kLanes;
+  const simd::VecI tail_valid = simd::kLaneIndex + static_cast<float>(full) < static_cast<float>(queries);
   for (int64_t r = 0; r < keys; ++r) {
     for (int64_t c = 0; c < width; c += simd::kLanes) {
-      const VecF p =
-          simd::exp2<kExpDegree>(simd::load(scores_t + r * kBlock + c) * scale_log2 - simd::load(lse_log2 + c));
-      const VecF ds = p * (simd::load(dprobs_t + r * kBlock + c) - simd::load(delta + c));
+      VecF p = simd::exp2<kExpDegree>(simd::load(scores_t + r * kBlock + c) * scale_log2 - simd::load(lse_log2 + c));
+      VecF ds = p * (simd::load(dprobs_t + r * kBlock + c) - simd::load(delta + c));
+      if (c == full) {
+        p = tail_valid ? p : VecF{};
+        ds = tail_valid ? ds : VecF{};
+      }
       simd::store_computed(probs_t + r * kBlock + c, p);
       simd::store_computed(dscores_t + r * kBlock + c, ds);
     }
@@ -236,9 +245,10 @@ MMV_INLINE void backward_step(const float* scores_t, const float* dprobs_t, int6
     softmax_step(scores, rows, valid, width, ld, scale_log2, row_max, row_sum, alpha, probs);                \
   }                                                                                                          \
   MMV_CPU_CLONES void backward_step_##suffix(const float* scores_t, const float* dprobs_t, int64_t keys,     \
-                                             int64_t width, float scale_log2, const float* lse_log2,         \
-                                             const float* delta, compute_t* probs_t, compute_t* dscores_t) { \
-    backward_step(scores_t, dprobs_t, keys, width, scale_log2, lse_log2, delta, probs_t, dscores_t);         \
+                                             int64_t queries, int64_t width, float scale_log2,               \
+                                             const float* lse_log2, const float* delta, compute_t* probs_t,  \
+                                             compute_t* dscores_t) {                                         \
+    backward_step(scores_t, dprobs_t, keys, queries, width, scale_log2, lse_log2, delta, probs_t, dscores_t); \
   }
 MMV_CLONED_STEPS(float, f32)
 MMV_CLONED_STEPS(c10::BFloat16, bf16)
@@ -256,13 +266,13 @@ void softmax_step_any(const float* s, int64_t rows, int64_t valid, int64_t width
                       float* l, float* alpha, c10::BFloat16* p) {
   softmax_step_bf16(s, rows, valid, width, ld, k, m, l, alpha, p);
 }
-void backward_step_any(const float* st, const float* dpt, int64_t keys, int64_t width, float k, const float* lse,
-                       const float* delta, float* pt, float* dst) {
-  backward_step_f32(st, dpt, keys, width, k, lse, delta, pt, dst);
+void backward_step_any(const float* st, const float* dpt, int64_t keys, int64_t queries, int64_t width, float k,
+                       const float* lse, const float* delta, float* pt, float* dst) {
+  backward_step_f32(st, dpt, keys, queries, width, k, lse, delta, pt, dst);
 }
-void backward_step_any(const float* st, const float* dpt, int64_t keys, int64_t width, float k, const float* lse,
-                       const float* delta, c10::BFloat16* pt, c10::BFloat16* dst) {
-  backward_step_bf16(st, dpt, keys, width, k, lse, delta, pt, dst);
+void backward_step_any(const float* st, const float* dpt, int64_t keys, int64_t queries, int64_t width, float k,
+                       const float* lse, const float* delta, c10::BFloat16* pt, c10::BFloat16* dst) {
+  backward_step_bf16(st, dpt, keys, queries, width, k, lse, delta, pt, dst);
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
@@ -345,6 +355,7 @@ void forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           const float inv = 1.f / s.row_sum[r];
           scalar_t* dst = out_ptr + ((q_begin + r) * heads + h) * head_dim;
           for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(s.acc[r * padded_dim + d] * inv);
+          // A +inf score makes the sum, and so out and lse, NaN (torch.logsumexp would say +inf).
           lse_ptr[h * num_tokens + q_begin + r] = (s.row_max[r] + std::log2(s.row_sum[r])) * kLn2;
         }
       });
@@ -472,8 +483,8 @@ void backward_tiled(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                                   q_cols_packed.at(h, gq), s.scores_t.data(), kBlock, false);
             gemm_panel<compute_t>(keys, query_span, padded_dim, v_rows.at(h, gk), padded_dim,
                                   do_cols_packed.at(h, gq), s.dprobs_t.data(), kBlock, false);
-            backward_step_any(s.scores_t.data(), s.dprobs_t.data(), keys, query_span, scale_log2, s.lse_tile.data(),
-                              s.delta_tile.data(), s.probs_t.data(), s.dscores_t.data());
+            backward_step_any(s.scores_t.data(), s.dprobs_t.data(), keys, queries, query_span, scale_log2,
+                              s.lse_tile.data(), s.delta_tile.data(), s.probs_t.data(), s.dscores_t.data());
             gemm_panel<compute_t>(keys, padded_dim, query_span, s.probs_t.data(), kBlock, do_rows_packed.at(h, gq),
                                   s.dv_acc.data(), padded_dim, true);
             gemm_panel<compute_t>(keys, padded_dim, query_span, s.dscores_t.data(), kBlock,
@@ -534,14 +545,17 @@ double dot(const double* a, const double* b, int64_t n) {
   return s;
 }
 
-// Row maximum and log-sum-exp of scale * <q_t, k_s> over the keys of one sequence.
+// Log-sum-exp of scale * <q_t, k_s> over the keys of one sequence, non-finite cases as the float32
+// kernel: a NaN or +inf score gives NaN (std::max skips a NaN, but exp(NaN - m) and exp(inf - inf) do
+// not), and scores that are all -inf give -inf.
 double row_logsumexp(const TokenView<double>& q, const TokenView<double>& k, int64_t t, int64_t h, int64_t begin,
                      int64_t end, int64_t head_dim, double scale) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t s = begin; s < end; ++s) m = std::max(m, scale * dot(q.row(t, h), k.row(s, h), head_dim));
+  const double base = m == -std::numeric_limits<double>::infinity() ? 0.0 : m;
   double sum = 0;
-  for (int64_t s = begin; s < end; ++s) sum += std::exp(scale * dot(q.row(t, h), k.row(s, h), head_dim) - m);
-  return m + std::log(sum);
+  for (int64_t s = begin; s < end; ++s) sum += std::exp(scale * dot(q.row(t, h), k.row(s, h), head_dim) - base);
+  return base + std::log(sum);
 }
 
 void forward_double(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Tiles& tiles, double scale,

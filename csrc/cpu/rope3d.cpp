@@ -1,6 +1,6 @@
 // rope3d on the CPU: one fused pass over x, multi-threaded over tokens.
 //
-// Per token, the angles of its rotary pairs are computed once (float32, as DESIGN.md defines them) and
+// Per token, the angles of its rotary pairs are computed once (float32, as docs/design.md defines them) and
 // their sines and cosines are shared by every head; no per-token table is ever written to memory. The
 // loops use 16-lane vectors (simd.h), compiled for several instruction sets.
 #include <ATen/Dispatch.h>

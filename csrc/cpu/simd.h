@@ -98,13 +98,14 @@ MMV_INLINE float hmax(VecF v) {
 // 2^x for float32 lanes, x <= 127: 2^n * p(f) with n = round(x), |f| <= 1/2 and the Taylor polynomial
 // of 2^f of degree kDegree: relative error about 1.2e-7 at degree 6 (float32 results), 2.3e-6 at
 // degree 5 (enough for results rounded to bfloat16). Inputs below -126 give 0, which is what softmax
-// wants of scores far below the row maximum (and of masked, -inf, scores); NaN stays NaN.
+// wants of scores far below the row maximum (and of masked, -inf, scores); NaN stays NaN: both clamps
+// are written so that their comparison is false for NaN, which then flows through the polynomial.
 template <int kDegree = 6>
 MMV_INLINE VecF exp2(VecF x) {
   static_assert(kDegree == 5 || kDegree == 6, "exp2: degree 5 or 6");
   const VecF lo = broadcast(-126.f);
-  const VecF clamped = vmax(x, lo);
-  const VecF x_in = clamped < 127.f ? clamped : broadcast(127.f);
+  const VecF clamped = x < lo ? lo : x;
+  const VecF x_in = clamped > 127.f ? broadcast(127.f) : clamped;
   // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
   const VecF shifted = x_in + 12582912.f;
   const VecF n = shifted - 12582912.f;

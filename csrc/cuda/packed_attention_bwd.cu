@@ -117,10 +117,12 @@ __global__ void __launch_bounds__(kRowThreads) backward_preprocess_kernel(Backwa
       }
       score = warp_sum(score);
       const acc_t new_max = score > row_max ? score : row_max;
-      row_sum = row_sum * exp_of(row_max - new_max) + exp_of(score - new_max);
+      // As the forward: subtract 0 while every score is -inf; a NaN score makes the sum NaN.
+      const acc_t base = new_max == -CUDART_INF ? acc_t(0) : new_max;
+      row_sum = row_sum * exp_of(row_max - base) + exp_of(score - base);
       row_max = new_max;
     }
-    lse = row_sum > 0 ? row_max + log_of(row_sum) : acc_t(-CUDART_INF);
+    lse = row_max + log_of(row_sum);
   } else {
     lse = static_cast<acc_t>(p.lse[index] * lse_factor);
   }

@@ -246,7 +246,8 @@ __global__ void __launch_bounds__(128) forward_mma_kernel(ForwardParams p) {
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         const int row = q_row0 + warp_row0 + mb * 16 + group + 8 * half;
         if (row < end) {
-          const float inverse = sum > 0.f ? 1.f / sum : 0.f;
+          // No guard on sum: a row of only -inf scores (sum 0) gives NaN, a NaN score NaN, as the reference.
+          const float inverse = 1.f / sum;
           Element* out_row = out + (static_cast<int64_t>(row) * p.num_heads + t.head) * kHeadDim + quad * 2;
 #pragma unroll
           for (int dt = 0; dt < kOutTiles; ++dt) {
@@ -254,8 +255,7 @@ __global__ void __launch_bounds__(128) forward_mma_kernel(ForwardParams p) {
                 Mma<Element>::pack(o[mb][dt][2 * half] * inverse, o[mb][dt][2 * half + 1] * inverse);
           }
           if (quad == 0) {
-            p.lse[static_cast<int64_t>(t.head) * p.num_tokens + row] =
-                sum > 0.f ? (row_max[mb][half] + log2f(sum)) * kLn2 : -CUDART_INF_F;
+            p.lse[static_cast<int64_t>(t.head) * p.num_tokens + row] = (row_max[mb][half] + log2f(sum)) * kLn2;
           }
         }
       }
@@ -350,8 +350,10 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(ForwardParam
     }
     dot = warp_sum(dot);
     const acc_t new_max = dot > row_max ? dot : row_max;
-    const acc_t correction = exp_of(row_max - new_max);
-    const acc_t weight = exp_of(dot - new_max);
+    // While every score so far is -inf, subtract 0 (not -inf - -inf = NaN); a NaN score stays NaN.
+    const acc_t base = new_max == -CUDART_INF ? acc_t(0) : new_max;
+    const acc_t correction = exp_of(row_max - base);
+    const acc_t weight = exp_of(dot - base);
     row_sum = row_sum * correction + weight;
 #pragma unroll
     for (int c = 0; c < kSimtChunks; ++c) {
@@ -361,7 +363,7 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(ForwardParam
     row_max = new_max;
   }
 
-  const acc_t inverse = row_sum > 0 ? acc_t(1) / row_sum : acc_t(0);
+  const acc_t inverse = acc_t(1) / row_sum;  // sum 0 (only -inf scores) or NaN gives NaN, as the reference
   scalar_t* out = static_cast<scalar_t*>(p.out) + (static_cast<int64_t>(token) * p.num_heads + head) * p.head_dim;
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) {
@@ -370,7 +372,7 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(ForwardParam
   }
   if (lane == 0) {
     p.lse[static_cast<int64_t>(head) * p.num_tokens + token] =
-        row_sum > 0 ? static_cast<float>(row_max + log_of(row_sum)) : -CUDART_INF_F;
+        static_cast<float>(row_max + log_of(row_sum));
   }
 }
 

@@ -29,6 +29,7 @@ from mmv.data.io import (
 )
 from mmv.data.preprocess import (
     CtPreprocess,
+    ModalityPreprocess,
     XrayPreprocess,
     crop_or_pad,
     ct_window,
@@ -54,6 +55,7 @@ __all__ = [
     "Manifest",
     "MimicCxr",
     "MixedDataset",
+    "ModalityPreprocess",
     "NiftiHeaderFacts",
     "PackedCollate",
     "PreprocessCache",

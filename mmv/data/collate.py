@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from mmv.data.datasets import Sample
+from mmv.image import Image
 from mmv.packing import PackedBatch, pack
 from mmv.tokenizer import Tokenizer
 
@@ -19,14 +21,15 @@ class LabelledPackedBatch(NamedTuple):
 
     Attributes:
         batch: the packed tokens.
-        labels: one float32 label vector per image (sources of a mixture may have different label sets).
-        ids: the sample ids.
+        labels: one float32 label vector per image (sources of a mixture may have different label sets; a
+            number becomes a vector of one, None an empty vector).
+        ids: the sample ids (None for ``(image, label)`` items, which have none).
         skipped: samples of this batch dropped as unreadable (``on_error="skip"``).
     """
 
     batch: PackedBatch
     labels: list[torch.Tensor]
-    ids: list[str]
+    ids: list[str | None]
     skipped: int
 
     def pin_memory(self) -> LabelledPackedBatch:
@@ -35,11 +38,14 @@ class LabelledPackedBatch(NamedTuple):
 
 
 class PackedCollate:
-    """``collate_fn`` for a DataLoader over :class:`mmv.data.Sample` items: tokenise, then pack.
+    """``collate_fn`` for a DataLoader: tokenise each image, then pack them all into one batch.
 
-    Runs in the loader workers, so patch extraction and token dropping overlap with training. Samples that
-    are None (unreadable files skipped by a dataset with ``on_error="skip"``) are dropped; a batch whose
-    samples were all skipped collates to None, which the training loop should pass over.
+    Items are :class:`mmv.data.Sample` (what mmv's data sets yield) or plain ``(image, label)`` tuples, the
+    image an :class:`mmv.Image` (already preprocessed, e.g. by :class:`mmv.data.ModalityPreprocess`) and the
+    label a number, a tensor or None. Runs in the loader workers, so patch extraction and token dropping
+    overlap with training. Items that are None (unreadable files skipped by a dataset with
+    ``on_error="skip"``) are dropped; a batch whose items were all skipped collates to None, which the
+    training loop should pass over.
 
     Args:
         tokenizer: the :class:`mmv.tokenizer.Tokenizer` (patch size, background and random token dropping).
@@ -57,19 +63,47 @@ class PackedCollate:
         self.tokenizer = tokenizer
         self.with_labels = bool(with_labels)
 
-    def __call__(self, samples: Sequence[Sample | None]) -> PackedBatch | LabelledPackedBatch | None:
-        present = [sample for sample in samples if sample is not None]
-        for position, sample in enumerate(present):
-            if not isinstance(sample, Sample):
-                raise TypeError(f"samples[{position}] must be an mmv.data.Sample or None, got {type(sample).__name__}")
+    def __call__(
+        self, samples: Sequence[Sample | tuple[Image, Any] | None]
+    ) -> PackedBatch | LabelledPackedBatch | None:
+        present = [_image_labels_id(item, position) for position, item in enumerate(samples) if item is not None]
         if not present:
             return None
-        batch = pack([self.tokenizer(sample.image) for sample in present])
+        batch = pack([self.tokenizer(image) for image, _, _ in present])
         if not self.with_labels:
             return batch
         return LabelledPackedBatch(
             batch=batch,
-            labels=[sample.labels for sample in present],
-            ids=[sample.id for sample in present],
+            labels=[labels for _, labels, _ in present],
+            ids=[sample_id for _, _, sample_id in present],
             skipped=len(samples) - len(present),
         )
+
+
+def _image_labels_id(item: Any, position: int) -> tuple[Image, torch.Tensor, str | None]:
+    """The image, the float32 label vector and the id (None for a plain tuple) of one item."""
+    if isinstance(item, Sample):
+        return item.image, item.labels, item.id
+    if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Image)):
+        raise TypeError(
+            f"samples[{position}] must be an mmv.data.Sample, an (mmv.Image, label) tuple or None, "
+            f"got {_describe(item)}"
+        )
+    image, label = item
+    if label is None:
+        labels = torch.empty(0, dtype=torch.float32)
+    elif isinstance(label, torch.Tensor):
+        labels = label.detach().to(torch.float32).reshape(-1)
+    elif isinstance(label, numbers.Real):
+        labels = torch.tensor([float(label)], dtype=torch.float32)
+    else:
+        raise TypeError(
+            f"samples[{position}]: the label must be a number, a tensor or None, got {type(label).__name__}"
+        )
+    return image, labels, None
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, tuple):
+        return f"a tuple of ({', '.join(type(part).__name__ for part in item)})"
+    return type(item).__name__

@@ -89,6 +89,8 @@ CT_RATE_LABELS = (
 NOMINAL_XRAY_SHORT_SIDE_MM = 350.0
 
 _UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
+# Manifest columns that describe a row (its split of the data set, its group of related images), not label it.
+MANIFEST_ROW_COLUMNS = ("split", "group")
 
 
 @dataclass
@@ -525,14 +527,19 @@ def _parse_xy_spacing(text: str, table: Path) -> tuple[float, float]:
 class Manifest(LabelledImageDataset):
     """Any images listed in a CSV table with a path, a modality and label columns.
 
-    Paths are relative to the table's folder unless absolute. Label cells are numbers or blank (NaN).
+    Paths are relative to the table's folder unless absolute. Label cells are numbers or blank (NaN). The
+    table ``mmv phantom`` writes is one such manifest.
 
     Args:
         csv: the table.
         path_column, modality_column: the columns holding the file (or DICOM directory) and the modality.
-        label_columns: the label columns, in order; default every column except path, modality and id.
-        id_column: a column of sample ids; default the path as written in the table.
+        label_columns: the label columns, in order; default every column except the path, modality and id
+            columns and the row-describing columns ``split`` and ``group`` (:data:`MANIFEST_ROW_COLUMNS`).
+        id_column: a column of sample ids; default ``id`` when the table has one, else the path as written.
         transform, cache, on_error: as in :class:`LabelledImageDataset`.
+
+    Attributes:
+        id_column: the column the ids come from (the path column when the table has no id column).
     """
 
     def __init__(
@@ -548,32 +555,38 @@ class Manifest(LabelledImageDataset):
     ) -> None:
         table = Path(csv)
         rows = read_table(table)
-        fixed_columns = [path_column, modality_column] + ([id_column] if id_column else [])
+        header = list(rows[0]) if rows else []
+        if id_column is None:
+            id_column = "id" if "id" in header else path_column
+        self.id_column = id_column
+        fixed_columns = list(dict.fromkeys([path_column, modality_column, id_column]))
         if label_columns is None:
-            header = list(rows[0]) if rows else []
-            label_columns = [column for column in header if column not in fixed_columns]
+            described = {*fixed_columns, *MANIFEST_ROW_COLUMNS}
+            label_columns = [column for column in header if column not in described]
         label_columns = tuple(label_columns)
-        missing = [column for column in (*fixed_columns, *label_columns) if rows and column not in rows[0]]
+        missing = [column for column in (*fixed_columns, *label_columns) if rows and column not in header]
         if missing:
             raise TableError(table, f"missing columns {missing}")
         records = []
         for line, row in enumerate(rows, start=2):
-            try:
-                labels = tuple(_label_value(row[column]) for column in label_columns)
-            except ValueError:
-                raise ValueError(f"{table}:{line}: label cells must be numbers or blank") from None
+            labels = tuple(_manifest_label(table, line, column, row[column]) for column in label_columns)
             modality = row[modality_column].strip()
             if not modality:
-                raise ValueError(f"{table}:{line}: empty {modality_column!r} cell")
+                raise ValueError(f"{table}: line {line}: empty {modality_column!r} cell")
             records.append(
-                ImageRecord(
-                    path=table.parent / row[path_column],
-                    labels=labels,
-                    id=row[id_column] if id_column else row[path_column],
-                    modality=modality,
-                )
+                ImageRecord(path=table.parent / row[path_column], labels=labels, id=row[id_column], modality=modality)
             )
         super().__init__(records, label_columns, transform, cache, on_error)
+
+
+def _manifest_label(table: Path, line: int, column: str, text: str | None) -> float:
+    try:
+        return _label_value(text)
+    except ValueError:
+        raise ValueError(
+            f"{table}: line {line}, column {column!r}: label cells must be numbers or blank, got {text!r} "
+            "(pass label_columns to choose the label columns)"
+        ) from None
 
 
 class MixedDataset(torch.utils.data.Dataset):

@@ -8,14 +8,22 @@ posterior, z toward superior). ITK is imported on first use, never at import tim
 Only geometry and the modality are taken from headers; ITK's DICOM reader (GDCM) already applies the
 rescale slope/intercept and turns MONOCHROME1 into MONOCHROME2, so neither is done a second time here.
 Patient identifiers are never copied into results, errors or logs.
+
+No file reaches ITK before this module has recognised its format from its first bytes and, for DICOM and
+NIfTI, checked its header in Python (:mod:`mmv.data.dicom_header`, :func:`_nifti1_header`): GDCM aborts the
+process on some inconsistent DICOM headers, reads unparsable numbers as garbage and pads short pixel data
+with uninitialised memory. Whatever is read is checked before it is returned: finite pixels, finite
+geometry, spacing within ``SPACING_RANGE_MM``. Every failure is an :class:`ImageReadError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import math
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmv.data import dicom_header as tags
+from mmv.data.dicom_header import (
+    ENCAPSULATED_TRANSFER_SYNTAXES,
+    DicomHeader,
+    DicomHeaderError,
+    looks_like_dicom,
+    read_dicom_header,
+)
 from mmv.image import Image
 
 __all__ = [
+    "SPACING_RANGE_MM",
     "ImageReadError",
     "ImageInfo",
     "NiftiHeaderFacts",
@@ -35,16 +52,38 @@ __all__ = [
     "inspect_nifti_header",
 ]
 
-# ITK image readers this module accepts, by ITK class name. Anything else ITK happens to read
-# (TIFF, MINC, VTK, ...) is refused so that behaviour is defined only for tested formats.
+# The ITK image reader of each supported format. A file's format is recognised here, from its first bytes
+# (and the name for NIfTI and MetaImage), never by ITK's reader factory: probing a file with every ITK
+# reader hands it to GDCM, which can abort the process.
 _SUPPORTED_READERS = {
-    "GDCMImageIO": "DICOM",
-    "NiftiImageIO": "NIfTI",
-    "NrrdImageIO": "NRRD",
-    "MetaImageIO": "MetaImage",
-    "PNGImageIO": "PNG",
-    "JPEGImageIO": "JPEG",
+    "DICOM": "GDCMImageIO",
+    "NIfTI": "NiftiImageIO",
+    "NRRD": "NrrdImageIO",
+    "MetaImage": "MetaImageIO",
+    "PNG": "PNGImageIO",
+    "JPEG": "JPEGImageIO",
 }
+# Formats ITK could read but this module refuses, recognised by their signatures only to say so.
+_UNSUPPORTED_SIGNATURES = {
+    b"CDF\x01": "MINC / netCDF",
+    b"CDF\x02": "MINC / netCDF",
+    b"\x89HDF\r\n\x1a\n": "MINC / HDF5",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"# vtk DataFile": "VTK",
+}
+# Spacing a reader accepts, in mm: from 1 micrometre (beyond micro-CT) to 1 m (beyond any slice gap).
+# Anything outside is a corrupt or mis-scaled header, and would make the physical token positions absurd.
+SPACING_RANGE_MM = (1e-3, 1e3)
+# The most voxels a reader returns (4 GiB of float32): larger comes only from a corrupt header.
+_MAX_VOXELS = 1 << 30
+# An oblique volume is resampled onto a grid of at most this many times its own voxels.
+_MAX_RESAMPLE_GROWTH = 64
+# Direction matrices must be orthonormal to this tolerance (DICOM cosines carry ~6 decimals).
+_ORTHONORMAL_TOLERANCE = 1e-3
+# Photometric interpretations whose decoding this module relies on; PALETTE COLOR and the rest are refused.
+_GREY_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2"}
+_COLOUR_PHOTOMETRIC = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 
 # A direction matrix closer than this to a signed permutation is treated as one: DICOM stores
 # orientation cosines with ~6 decimals, and 1e-4 rad moves a voxel 200 mm away by 0.02 mm.
@@ -53,8 +92,6 @@ _PERMUTATION_TOLERANCE = 1e-4
 _SERIES_SPACING_TOLERANCE = 0.01
 # Voxels of an oblique volume resampled per grid_sample call, to bound the memory of the sample grid.
 _RESAMPLE_CHUNK_VOXELS = 1 << 22
-
-_DICOM_MODALITY = "0008|0060"
 
 
 class ImageReadError(Exception):
@@ -109,10 +146,23 @@ class _Geometry:
     direction: np.ndarray  # (n, n), column i is the physical direction of index axis i
 
 
+# The ITK names this module uses. ITK loads its SWIG modules lazily, on first attribute access.
+_ITK_NAMES = (
+    "ProcessObject", "ImageFileReader", "Image", "F", "PyBuffer", "array_view_from_image", *_SUPPORTED_READERS.values()
+)
+
+
 @functools.cache
 def _itk():
-    import itk  # heavy (hundreds of MB): imported only when a file is actually read
+    # Loading a SWIG module emits DeprecationWarnings on Python 3.11+; under warning filters that turn them
+    # into errors (python -W error, pytest -W error) the module's initialisation fails and the interpreter
+    # crashes. So every module used here is loaded at once, with those warnings ignored.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import itk  # heavy (hundreds of MB): imported only when a file is actually read
 
+        for name in _ITK_NAMES:
+            getattr(itk, name)
     # ITK prints its own warnings (e.g. non-uniform slice spacing) to stderr; this module checks those
     # conditions itself and raises, so the console stays free of duplicate and possibly confusing text.
     itk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -129,12 +179,23 @@ def read_image(
 
     - Pixels are float32. DICOM rescale slope/intercept are applied exactly once (CT comes out in
       Hounsfield units); NIfTI ``scl_slope``/``scl_inter`` are applied when present. ITK's NIfTI library
-      turns NaN voxels of floating-point NIfTI files into 0. Radiographs stored
+      turns NaN and infinite voxels of floating-point NIfTI files into 0. Radiographs stored
       as MONOCHROME1 come out like MONOCHROME2 (dense tissue bright). Colour images become luminance.
     - A single DICOM file, PNG and JPEG give a 2D image ``[H, W]`` in stored row/column order; a DICOM
       series and 3D NIfTI/NRRD/MetaImage files give a volume ``[D, H, W]`` in canonical LPS orientation,
       by permuting and flipping axes when the direction is a signed permutation and by trilinear
       resampling otherwise. Spacing is in millimetres, in (z, y, x) order.
+    - Spacing is never invented. DICOM in-plane spacing is PixelSpacing, else the Pixel Measures functional
+      group of enhanced multi-frame files, else ImagerPixelSpacing (radiographs: the spacing at the
+      detector, larger than at the patient by the geometric magnification); a file with none of them
+      valid (missing, zero, unparsable) raises. A one-file DICOM series takes its thickness from
+      SpacingBetweenSlices, else SliceThickness, else raises. A NIfTI pixdim that is not positive and an
+      NRRD or MetaImage header without a spacing field raise too. PNG and JPEG carry no physical size:
+      their spacing is ITK's 1.0 per pixel, which callers replace (the radiograph data sets do).
+    - Only plausible images are returned: every pixel finite, spacing within ``SPACING_RANGE_MM``
+      (0.001 to 1000 mm), finite origin and orthonormal direction for volumes, at most 2**30 voxels.
+      DICOM files must be greyscale (MONOCHROME1/2) or colour (RGB, YBR_*) with 8, 16 or 32 bits
+      allocated and at least Rows x Columns x frames of pixel data; PALETTE COLOR is refused.
 
     Args:
         path: a file, or a directory holding DICOM files (not searched recursively).
@@ -143,13 +204,14 @@ def read_image(
 
     Raises:
         ImageReadError: for any file that cannot be read (missing, empty, truncated, corrupt, unsupported,
-            several series without ``series_uid``, inconsistent slices, frames without ``frame``), with the
-            path and the reason.
+            implausible as above, several series without ``series_uid``, inconsistent slices, frames without
+            ``frame``), with the path and the reason. No other exception comes from a file's content.
     """
     path = _checked_path(path, series_uid, frame)
-    if path.is_dir():
-        return _read_dicom_series(path, series_uid, with_pixels=True)
-    return _read_file(path, frame, with_pixels=True)
+    with _as_read_error(path):
+        if path.is_dir():
+            return _read_dicom_series(path, series_uid, with_pixels=True)
+        return _read_file(path, frame, with_pixels=True)
 
 
 def read_image_info(
@@ -161,21 +223,26 @@ def read_image_info(
     data is not read, so truncated pixel data is only detected by :func:`read_image`.
     """
     path = _checked_path(path, series_uid, frame)
-    if path.is_dir():
-        return _read_dicom_series(path, series_uid, with_pixels=False)
-    return _read_file(path, frame, with_pixels=False)
+    with _as_read_error(path):
+        if path.is_dir():
+            return _read_dicom_series(path, series_uid, with_pixels=False)
+        return _read_file(path, frame, with_pixels=False)
 
 
 def list_dicom_series(directory: str | os.PathLike) -> tuple[str, ...]:
     """SeriesInstanceUIDs of the DICOM series in ``directory`` (not searched recursively).
 
+    Files that are not DICOM, and DICOM files without pixel data (such as a DICOMDIR), are ignored.
+
     Raises:
-        ImageReadError: when ``directory`` is not a directory.
+        ImageReadError: when ``directory`` is not a directory, or for a file in it that starts like DICOM
+            (the DICM marker) but is corrupt, or an image without a SeriesInstanceUID.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise ImageReadError(directory, "not a directory")
-    return tuple(_series_file_names(directory))
+    with _as_read_error(directory):
+        return tuple(_series_files(directory))
 
 
 def inspect_nifti_header(path: str | os.PathLike) -> NiftiHeaderFacts:
@@ -231,6 +298,48 @@ def _nifti1_header(path: Path) -> dict:
     }
 
 
+def _checked_nifti_header(path: Path) -> dict:
+    """The NIfTI-1 header, checked for what ITK would otherwise pass on as impossible geometry."""
+    header = _nifti1_header(path)
+    dims = header["dim"]
+    axes = int(dims[0])
+    if not 1 <= axes <= 7 or np.any(dims[1 : axes + 1] < 1):
+        raise ImageReadError(path, f"corrupt NIfTI header: dim {dims.tolist()}")
+    if header["bitpix"] not in (8, 16, 24, 32, 64, 128, 256):
+        raise ImageReadError(path, f"corrupt NIfTI header: bitpix {header['bitpix']}")
+    if not (math.isfinite(header["vox_offset"]) and 0 <= header["vox_offset"] < 1 << 31):
+        raise ImageReadError(path, f"corrupt NIfTI header: vox_offset {header['vox_offset']}")
+    spatial = header["pixdim"][1 : min(axes, 3) + 1]
+    if not np.all(np.isfinite(spatial)) or np.any(spatial <= 0):
+        raise ImageReadError(path, f"unknown voxel size: NIfTI pixdim {spatial.tolist()} is not finite and positive")
+    return header
+
+
+# Where the text headers of NRRD and MetaImage end at the latest, for the spacing check.
+_TEXT_HEADER_BYTES = 1 << 16
+# Header fields from which ITK takes the spacing; without any, ITK assumes 1 mm.
+_TEXT_SPACING_FIELDS = {
+    "NRRD": (":", {b"spacings", b"space directions"}, b""),
+    "MetaImage": ("=", {b"elementspacing", b"elementsize"}, b"elementdatafile"),
+}
+
+
+def _check_text_header_has_spacing(path: Path, format_name: str) -> None:
+    """Raise for an NRRD or MetaImage header without a spacing field, whose spacing ITK would invent as 1 mm."""
+    separator, fields, last_field = _TEXT_SPACING_FIELDS[format_name]
+    with open(path, "rb") as stream:
+        lines = stream.read(_TEXT_HEADER_BYTES).split(b"\n")
+    for line in lines[1:] if format_name == "NRRD" else lines:
+        key = line.split(separator.encode(), 1)[0].strip().lower()
+        if key in fields:
+            return
+        # An attached NRRD header ends at a blank line, a MetaImage header with its ElementDataFile line.
+        if key == last_field:
+            break
+    names = ", ".join(sorted(field.decode() for field in fields))
+    raise ImageReadError(path, f"unknown voxel spacing: the {format_name} header has none of {names}")
+
+
 def _checked_path(path: str | os.PathLike, series_uid: str | None, frame: int | None) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -248,21 +357,50 @@ def _checked_path(path: str | os.PathLike, series_uid: str | None, frame: int | 
     return path
 
 
-def _open_image_io(path: Path):
+@contextlib.contextmanager
+def _as_read_error(path: Path):
+    """Report what a corrupt file can still make ITK, NumPy or the OS raise as an ImageReadError naming the path."""
+    try:
+        yield
+    except (RuntimeError, ValueError, ArithmeticError, OSError) as error:
+        raise ImageReadError(path, f"unreadable ({type(error).__name__}): {_itk_reason(error)}") from error
+
+
+def _file_format(path: Path) -> str:
+    """The supported format of a file, recognised from its signature (and name for NIfTI and MetaImage)."""
+    with open(path, "rb") as stream:
+        prefix = stream.read(_NIFTI1_HEADER_SIZE)
+    name = path.name.lower()
+    if prefix.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if prefix.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if prefix.startswith(b"NRRD000"):
+        return "NRRD"
+    if name.endswith((".nii", ".nii.gz")):
+        return "NIfTI"
+    if name.endswith((".mha", ".mhd")):
+        return "MetaImage"
+    if looks_like_dicom(prefix):
+        return "DICOM"
+    for signature, format_name in _UNSUPPORTED_SIGNATURES.items():
+        if prefix.startswith(signature):
+            raise ImageReadError(
+                path, f"unsupported format ({format_name}); supported: {', '.join(sorted(_SUPPORTED_READERS))}"
+            )
+    raise ImageReadError(path, "unsupported or corrupt file: no image reader recognises it")
+
+
+def _open_image_io(path: Path, format_name: str):
     itk = _itk()
-    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
-    if io is None:
-        raise ImageReadError(path, "unsupported or corrupt file: no image reader recognises it")
-    name = io.GetNameOfClass()
-    if name not in _SUPPORTED_READERS:
-        raise ImageReadError(
-            path, f"unsupported format ({name}); supported: {', '.join(sorted(set(_SUPPORTED_READERS.values())))}"
-        )
+    io = getattr(itk, _SUPPORTED_READERS[format_name]).New()
+    if not io.CanReadFile(str(path)):
+        raise ImageReadError(path, f"corrupt {format_name} file: the {format_name} reader does not recognise it")
     io.SetFileName(str(path))
     try:
         io.ReadImageInformation()
     except RuntimeError as error:
-        raise ImageReadError(path, f"unreadable {_SUPPORTED_READERS[name]} header: {_itk_reason(error)}") from None
+        raise ImageReadError(path, f"unreadable {format_name} header: {_itk_reason(error)}") from None
     return io
 
 
@@ -270,13 +408,6 @@ def _itk_reason(error: Exception) -> str:
     """The last line of an ITK exception: the part that says what went wrong, without source locations."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
-
-
-def _header_text(header, key: str) -> str | None:
-    if not header.HasKey(key):
-        return None
-    text = str(header[key]).strip()
-    return text or None
 
 
 def _geometry(io, axes: int) -> _Geometry:
@@ -288,15 +419,197 @@ def _geometry(io, axes: int) -> _Geometry:
     )
 
 
+def _check_geometry(path: Path, geometry: _Geometry, oriented: bool) -> None:
+    """Raise unless spacing is plausible and, for a volume placed in space (``oriented``), origin and direction are
+    finite and the direction orthonormal."""
+    low, high = SPACING_RANGE_MM
+    spacing = geometry.spacing
+    if not np.all(np.isfinite(spacing)) or np.any(spacing < low) or np.any(spacing > high):
+        raise ImageReadError(
+            path, f"implausible voxel spacing {_zyx(spacing)} mm; accepted: {low:g} to {high:g} mm per axis"
+        )
+    if np.any(geometry.size < 1) or int(np.prod(geometry.size, dtype=np.float64)) > _MAX_VOXELS:
+        raise ImageReadError(path, f"implausible image size {tuple(int(n) for n in geometry.size[::-1])}")
+    if not oriented:
+        return
+    if not np.all(np.isfinite(geometry.origin)):
+        raise ImageReadError(path, "non-finite image origin")
+    direction = geometry.direction
+    identity = np.eye(len(direction))
+    orthonormal = np.all(np.isfinite(direction)) and (
+        np.max(np.abs(direction.T @ direction - identity)) <= _ORTHONORMAL_TOLERANCE
+    )
+    if not orthonormal:
+        raise ImageReadError(path, "the direction cosines are not orthonormal")
+
+
+def _check_pixels(path: Path, voxels: np.ndarray) -> None:
+    # min and max propagate NaN and show infinities without a temporary array the size of the image.
+    if not (math.isfinite(float(np.min(voxels))) and math.isfinite(float(np.max(voxels)))):
+        count = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+        raise ImageReadError(
+            path, f"{count} non-finite pixel values (NaN or infinity, e.g. from an overflowing rescale slope)"
+        )
+
+
+@dataclass(frozen=True)
+class _DicomFacts:
+    """What the reader takes from a DICOM header that it checked itself (see :func:`_dicom_facts`)."""
+
+    modality: str | None
+    rows: int
+    columns: int
+    frames: int
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm: (y, x)
+    slice_spacing: float | None  # SpacingBetweenSlices, else SliceThickness, when plausible
+
+
+def _dicom_header(path: Path) -> DicomHeader:
+    try:
+        return read_dicom_header(path)
+    except DicomHeaderError as error:
+        raise ImageReadError(path, f"corrupt DICOM: {error}") from None
+
+
+def _dicom_facts(path: Path, header: DicomHeader, frame: int | None) -> _DicomFacts:
+    """Check that GDCM can decode the file safely and exactly, and take its spacing; raise ImageReadError if not."""
+    try:
+        return _checked_dicom_facts(path, header, frame)
+    except DicomHeaderError as error:
+        raise ImageReadError(path, f"corrupt DICOM: {error}") from None
+
+
+def _checked_dicom_facts(path: Path, header: DicomHeader, frame: int | None) -> _DicomFacts:
+    if header.has_float_pixel_data and not header.has_pixel_data:
+        raise ImageReadError(path, "unsupported DICOM: floating-point pixel data")
+    if not header.has_pixel_data:
+        raise ImageReadError(path, "DICOM file without pixel data")
+    photometric = header.text(tags.PHOTOMETRIC)
+    samples = header.unsigned(tags.SAMPLES_PER_PIXEL)
+    if photometric in _GREY_PHOTOMETRIC:
+        expected_samples = 1
+    elif photometric in _COLOUR_PHOTOMETRIC:
+        expected_samples = 3
+    else:
+        supported = ", ".join(sorted(_GREY_PHOTOMETRIC | _COLOUR_PHOTOMETRIC))
+        raise ImageReadError(
+            path, f"unsupported DICOM PhotometricInterpretation {photometric!r:.40}; supported: {supported}"
+        )
+    if samples != expected_samples:
+        raise ImageReadError(path, f"SamplesPerPixel {samples} does not match PhotometricInterpretation {photometric}")
+    rows, columns = header.unsigned(tags.ROWS), header.unsigned(tags.COLUMNS)
+    if not rows or not columns:
+        raise ImageReadError(path, f"DICOM image of Rows {rows} x Columns {columns}")
+    bits = header.unsigned(tags.BITS_ALLOCATED)
+    stored = header.unsigned(tags.BITS_STORED)
+    high_bit = header.unsigned(tags.HIGH_BIT)
+    if bits not in (8, 16, 32) or stored is None or not 1 <= stored <= bits or (high_bit or 0) >= bits:
+        raise ImageReadError(
+            path, f"unsupported DICOM pixel format: BitsAllocated {bits}, BitsStored {stored}, HighBit {high_bit}"
+        )
+    if header.unsigned(tags.PIXEL_REPRESENTATION) not in (None, 0, 1):
+        raise ImageReadError(path, "DICOM PixelRepresentation is neither 0 (unsigned) nor 1 (signed)")
+    frames = header.integer(tags.NUMBER_OF_FRAMES) or 1
+    if frames < 1:
+        raise ImageReadError(path, f"DICOM NumberOfFrames {frames}")
+    if rows * columns * frames > _MAX_VOXELS:
+        raise ImageReadError(path, f"implausible DICOM size: {frames} frames of {rows} x {columns}")
+    encapsulated = header.transfer_syntax in ENCAPSULATED_TRANSFER_SYNTAXES
+    if encapsulated != (header.pixel_data_length is None):
+        raise ImageReadError(path, "DICOM pixel data framing does not match the transfer syntax (compressed or not)")
+    if not encapsulated:
+        # Native YBR_FULL_422 stores two luminance samples and one pair of chrominance per two pixels.
+        samples_stored = 2 if photometric == "YBR_FULL_422" else samples
+        expected = rows * columns * frames * samples_stored * bits // 8
+        if header.pixel_data_length < expected:
+            raise ImageReadError(
+                path,
+                f"short DICOM pixel data: {header.pixel_data_length} bytes where {frames} frame(s) of "
+                f"{rows} x {columns} x {samples_stored} samples of {bits} bits need {expected}",
+            )
+    slope = header.decimals(tags.RESCALE_SLOPE)
+    intercept = header.decimals(tags.RESCALE_INTERCEPT)
+    if slope is not None and (len(slope) != 1 or slope[0] == 0.0):
+        raise ImageReadError(path, f"DICOM RescaleSlope {list(slope)} is not one non-zero number")
+    if intercept is not None and len(intercept) != 1:
+        raise ImageReadError(path, f"DICOM RescaleIntercept {list(intercept)} is not one number")
+    for tag, name, count in (
+        (tags.IMAGE_POSITION, "ImagePositionPatient", 3),
+        (tags.IMAGE_ORIENTATION, "ImageOrientationPatient", 6),
+    ):
+        values = header.decimals(tag)
+        if values is not None and len(values) != count:
+            raise ImageReadError(path, f"DICOM {name} holds {len(values)} values, not {count}")
+    return _DicomFacts(
+        modality=header.text(tags.MODALITY),
+        rows=rows,
+        columns=columns,
+        frames=frames,
+        pixel_spacing=_dicom_pixel_spacing(path, header, frame or 0),
+        slice_spacing=_dicom_slice_spacing(header),
+    )
+
+
+def _plausible_spacing(values: tuple[float, ...] | None, count: int) -> bool:
+    low, high = SPACING_RANGE_MM
+    return values is not None and len(values) == count and all(low <= value <= high for value in values)
+
+
+def _dicom_pixel_spacing(path: Path, header: DicomHeader, frame: int) -> tuple[float, float]:
+    """In-plane spacing (between rows, between columns) in mm from the first source that holds a plausible one."""
+    candidates = [("PixelSpacing", tags.PIXEL_SPACING, None)]
+    for name, sequence, index in (
+        ("SharedFunctionalGroups", tags.SHARED_FUNCTIONAL_GROUPS, 0),
+        ("PerFrameFunctionalGroups", tags.PER_FRAME_FUNCTIONAL_GROUPS, frame),
+    ):
+        groups = header.items(sequence)
+        if index < len(groups):
+            for measures in header.items(tags.PIXEL_MEASURES_SEQUENCE, groups[index])[:1]:
+                candidates.append((f"{name} PixelSpacing", tags.PIXEL_SPACING, measures))
+    candidates.append(("ImagerPixelSpacing", tags.IMAGER_PIXEL_SPACING, None))
+    found = []
+    for name, tag, dataset in candidates:
+        try:
+            values = header.decimals(tag, dataset)
+        except DicomHeaderError:
+            found.append(f"{name} '{header.text(tag, dataset)[:40]}'")
+            continue
+        if _plausible_spacing(values, 2):
+            return values[0], values[1]
+        if values is not None:
+            found.append(f"{name} {list(values)}")
+    low, high = SPACING_RANGE_MM
+    raise ImageReadError(
+        path,
+        "unknown pixel spacing: neither PixelSpacing, nor a Pixel Measures functional group, nor ImagerPixelSpacing "
+        f"holds two values within {low:g} to {high:g} mm" + (f" (found {'; '.join(found)})" if found else ""),
+    )
+
+
+def _dicom_slice_spacing(header: DicomHeader) -> float | None:
+    for tag in (tags.SPACING_BETWEEN_SLICES, tags.SLICE_THICKNESS):
+        try:
+            values = header.decimals(tag)
+        except DicomHeaderError:
+            continue
+        if _plausible_spacing(values, 1):
+            return values[0]
+    return None
+
+
 def _read_file(path: Path, frame: int | None, with_pixels: bool) -> Image | ImageInfo:
-    io = _open_image_io(path)
-    format_name = _SUPPORTED_READERS[io.GetNameOfClass()]
+    format_name = _file_format(path)
+    dicom = _dicom_facts(path, _dicom_header(path), frame) if format_name == "DICOM" else None
+    if format_name == "NIfTI":
+        _checked_nifti_header(path)
+    if format_name in ("NRRD", "MetaImage"):
+        _check_text_header_has_spacing(path, format_name)
+    io = _open_image_io(path, format_name)
     axes = io.GetNumberOfDimensions()
     components = io.GetNumberOfComponents()
     if components not in (1, 3, 4):
         raise ImageReadError(path, f"{components} components per pixel; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
-    header = io.GetMetaDataDictionary()
-    modality = _header_text(header, _DICOM_MODALITY) if format_name == "DICOM" else None
+    modality = dicom.modality if dicom is not None else None
     geometry = _geometry(io, axes)
 
     # Frames: the last index axis of a multi-frame DICOM (3 axes) or of a 4D volume.
@@ -319,11 +632,16 @@ def _read_file(path: Path, frame: int | None, with_pixels: bool) -> Image | Imag
         origin=geometry.origin[:image_axes],
         direction=geometry.direction[:image_axes, :image_axes],
     )
+    if dicom is not None:
+        if (frames, *geometry.size[::-1]) != (dicom.frames, dicom.rows, dicom.columns):
+            raise ImageReadError(path, "the DICOM decoder disagrees with the header about the image size")
+        geometry.spacing = np.array(dicom.pixel_spacing[::-1], dtype=np.float64)
+    _check_geometry(path, geometry, oriented=image_axes == 3)
 
     if not with_pixels:
         if image_axes == 2:
             return ImageInfo(tuple(int(n) for n in geometry.size[::-1]), _zyx(geometry.spacing), modality)
-        shape, spacing = _canonical_grid(geometry)
+        shape, spacing = _canonical_grid(path, geometry)
         return ImageInfo(shape, spacing, modality)
 
     _check_data_complete(path, io, format_name)
@@ -339,10 +657,13 @@ def _read_file(path: Path, frame: int | None, with_pixels: bool) -> Image | Imag
     voxels = itk_buffer
     if axes > image_axes:
         voxels = voxels.reshape((frames, *voxels.shape[axes - image_axes :]))[frame or 0]
+    if voxels.shape != tuple(int(n) for n in geometry.size[::-1]):
+        raise ImageReadError(path, f"decoded pixels of shape {voxels.shape} do not match the header")
+    _check_pixels(path, voxels)
     if image_axes == 2:
         spacing = _zyx(geometry.spacing)
     else:
-        voxels, spacing = _to_canonical(voxels, geometry)
+        voxels, spacing = _to_canonical(path, voxels, geometry)
     if np.shares_memory(voxels, itk_buffer):
         voxels = voxels.copy()  # the ITK buffer goes away with the reader
     return Image(torch.from_numpy(voxels), spacing, modality)
@@ -415,7 +736,7 @@ def _signed_permutation(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
     return source_axis, signs
 
 
-def _oblique_grid(geometry: _Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _oblique_grid(path: Path, geometry: _Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Identity-direction grid covering an oblique volume: (origin, spacing, size), all in ITK (x, y, z) order."""
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in geometry.size], indexing="ij")).reshape(3, -1)
     physical = geometry.origin[:, None] + geometry.direction @ (geometry.spacing[:, None] * corners)
@@ -423,19 +744,26 @@ def _oblique_grid(geometry: _Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarr
     # Each physical axis keeps the spacing of the index axis that runs most nearly along it.
     spacing = geometry.spacing[np.argmax(np.abs(geometry.direction), axis=1)]
     size = np.floor((high - low) / spacing + 1e-6).astype(np.int64) + 1
+    voxels, source_voxels = np.prod(size, dtype=np.float64), np.prod(geometry.size, dtype=np.float64)
+    if voxels > min(_MAX_VOXELS, _MAX_RESAMPLE_GROWTH * source_voxels):
+        raise ImageReadError(
+            path,
+            f"oblique volume of {int(source_voxels)} voxels would be resampled onto {int(voxels)} "
+            f"(more than {_MAX_RESAMPLE_GROWTH} times as many): spacing too anisotropic for its orientation",
+        )
     return low, spacing, size
 
 
-def _canonical_grid(geometry: _Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def _canonical_grid(path: Path, geometry: _Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
     permutation = _signed_permutation(geometry.direction)
     if permutation is not None:
         source_axis, _ = permutation
         return tuple(int(n) for n in geometry.size[source_axis][::-1]), _zyx(geometry.spacing[source_axis])
-    _, spacing, size = _oblique_grid(geometry)
+    _, spacing, size = _oblique_grid(path, geometry)
     return tuple(int(n) for n in size[::-1]), _zyx(spacing)
 
 
-def _to_canonical(voxels: np.ndarray, geometry: _Geometry) -> tuple[np.ndarray, tuple[float, ...]]:
+def _to_canonical(path: Path, voxels: np.ndarray, geometry: _Geometry) -> tuple[np.ndarray, tuple[float, ...]]:
     """Reorient a (z, y, x) array to the identity direction: exact for signed permutations, resampled otherwise."""
     permutation = _signed_permutation(geometry.direction)
     if permutation is not None:
@@ -446,11 +774,11 @@ def _to_canonical(voxels: np.ndarray, geometry: _Geometry) -> tuple[np.ndarray, 
         if flips:
             voxels = np.flip(voxels, axis=flips)
         return np.ascontiguousarray(voxels), _zyx(geometry.spacing[source_axis])
-    return _resample_oblique(voxels, geometry)
+    return _resample_oblique(path, voxels, geometry)
 
 
-def _resample_oblique(voxels: np.ndarray, geometry: _Geometry) -> tuple[np.ndarray, tuple[float, ...]]:
-    origin, spacing, size = _oblique_grid(geometry)
+def _resample_oblique(path: Path, voxels: np.ndarray, geometry: _Geometry) -> tuple[np.ndarray, tuple[float, ...]]:
+    origin, spacing, size = _oblique_grid(path, geometry)
     physical_to_index = np.linalg.inv(geometry.direction @ np.diag(geometry.spacing))
     source = torch.from_numpy(np.ascontiguousarray(voxels))[None, None]
     # grid_sample pads with zeros; shifting by the minimum pads with the darkest value instead (air in CT).
@@ -482,24 +810,43 @@ def _resample_oblique(voxels: np.ndarray, geometry: _Geometry) -> tuple[np.ndarr
     return output, _zyx(spacing)
 
 
-def _series_file_names(directory: Path) -> dict[str, tuple[str, ...]]:
-    itk = _itk()
-    names = itk.GDCMSeriesFileNames.New()
-    # Group by SeriesInstanceUID alone: splitting on orientation or size would hide inconsistent series.
-    names.SetUseSeriesDetails(False)
-    names.SetDirectory(str(directory))
-    return {str(uid): tuple(names.GetFileNames(uid)) for uid in names.GetSeriesUIDs()}
+def _series_files(directory: Path) -> dict[str, list[tuple[Path, DicomHeader]]]:
+    """The DICOM image files of a directory (not recursive) with their checked headers, by SeriesInstanceUID."""
+    series: dict[str, list[tuple[Path, DicomHeader]]] = {}
+    for path in sorted(directory.iterdir()):
+        if not path.is_file():
+            continue
+        with open(path, "rb") as stream:
+            prefix = stream.read(132)
+        if not looks_like_dicom(prefix):
+            continue
+        try:
+            header = read_dicom_header(path)
+        except DicomHeaderError as error:
+            if prefix[128:132] == b"DICM":
+                raise ImageReadError(path, f"corrupt DICOM: {error}") from None
+            continue  # no marker and no DICOM structure: some other file
+        if not header.has_pixel_data:
+            continue  # DICOMDIR, structured reports, presentation states
+        uid = header.text(tags.SERIES_INSTANCE_UID)
+        if uid is None:
+            raise ImageReadError(path, "DICOM image without a SeriesInstanceUID")
+        series.setdefault(uid, []).append((path, header))
+    return series
 
 
 @dataclass
 class _Slice:
     path: Path
     geometry: _Geometry
-    modality: str | None
+    facts: _DicomFacts
     voxels: np.ndarray | None
 
 
-def _read_dicom_slice(path: Path, with_pixels: bool) -> _Slice:
+def _read_dicom_slice(path: Path, header: DicomHeader, with_pixels: bool) -> _Slice:
+    facts = _dicom_facts(path, header, None)
+    if facts.frames != 1:
+        raise ImageReadError(path, f"multi-frame DICOM ({facts.frames} frames) inside a series")
     itk = _itk()
     io = itk.GDCMImageIO.New()
     io.SetFileName(str(path))
@@ -516,19 +863,20 @@ def _read_dicom_slice(path: Path, with_pixels: bool) -> _Slice:
     except RuntimeError as error:
         raise ImageReadError(path, f"unreadable DICOM slice: {_itk_reason(error)}") from None
     geometry = _geometry(io, 3)
-    if geometry.size[2] != 1:
-        raise ImageReadError(path, f"multi-frame DICOM ({geometry.size[2]} frames) inside a series")
-    header = io.GetMetaDataDictionary()
-    return _Slice(
-        path,
-        geometry,
-        _header_text(header, _DICOM_MODALITY),
-        None if voxels is None else voxels[0],
-    )
+    if tuple(geometry.size) != (facts.columns, facts.rows, 1):
+        raise ImageReadError(path, "the DICOM decoder disagrees with the header about the image size")
+    # GDCM's spacing is replaced by the checked one; its third value is only a default for a lone slice.
+    geometry.spacing = np.array([*facts.pixel_spacing[::-1], facts.slice_spacing or 1.0])
+    _check_geometry(path, geometry, oriented=True)
+    if voxels is not None:
+        if voxels.shape != (1, facts.rows, facts.columns):
+            raise ImageReadError(path, f"decoded pixels of shape {voxels.shape} do not match the header")
+        _check_pixels(path, voxels)
+    return _Slice(path, geometry, facts, None if voxels is None else voxels[0])
 
 
 def _read_dicom_series(directory: Path, series_uid: str | None, with_pixels: bool) -> Image | ImageInfo:
-    series = _series_file_names(directory)
+    series = _series_files(directory)
     if not series:
         raise ImageReadError(directory, "directory holds no DICOM series")
     if series_uid is None:
@@ -540,7 +888,7 @@ def _read_dicom_series(directory: Path, series_uid: str | None, with_pixels: boo
     elif series_uid not in series:
         raise ImageReadError(directory, f"no series {series_uid}; the directory holds: {', '.join(series)}")
 
-    slices = [_read_dicom_slice(Path(name), with_pixels) for name in series[series_uid]]
+    slices = [_read_dicom_slice(path, header, with_pixels) for path, header in series[series_uid]]
     first = slices[0]
     for other in slices[1:]:
         if not np.array_equal(other.geometry.size[:2], first.geometry.size[:2]):
@@ -572,8 +920,14 @@ def _read_dicom_series(directory: Path, series_uid: str | None, with_pixels: boo
             raise ImageReadError(
                 directory, f"slices of series {series_uid} are not stacked along their normal (tilted gantry?)"
             )
+    elif first.facts.slice_spacing is not None:
+        slice_spacing = first.facts.slice_spacing
     else:
-        slice_spacing = float(first.geometry.spacing[2])
+        raise ImageReadError(
+            directory,
+            f"series {series_uid} has one slice without SpacingBetweenSlices or SliceThickness: its thickness is "
+            "unknown (read the file itself for a 2D image)",
+        )
 
     geometry = _Geometry(
         size=np.array([*first.geometry.size[:2], len(slices)], dtype=np.int64),
@@ -581,8 +935,9 @@ def _read_dicom_series(directory: Path, series_uid: str | None, with_pixels: boo
         origin=slices[0].geometry.origin,
         direction=first.geometry.direction,
     )
+    _check_geometry(directory, geometry, oriented=True)
     if not with_pixels:
-        shape, spacing = _canonical_grid(geometry)
-        return ImageInfo(shape, spacing, first.modality)
-    voxels, spacing = _to_canonical(np.stack([item.voxels for item in slices]), geometry)
-    return Image(torch.from_numpy(voxels), spacing, first.modality)
+        shape, spacing = _canonical_grid(directory, geometry)
+        return ImageInfo(shape, spacing, first.facts.modality)
+    voxels, spacing = _to_canonical(directory, np.stack([item.voxels for item in slices]), geometry)
+    return Image(torch.from_numpy(voxels), spacing, first.facts.modality)

@@ -47,6 +47,7 @@ def run_probe(
     *,
     labels_root: str | Path | None = None,
     array: str = "cls",
+    modality: str | None = None,
     l2_grid: Sequence[float] = DEFAULT_L2_GRID,
     select_by: str = "log_loss",
     val_fraction: float = 0.1,
@@ -58,12 +59,16 @@ def run_probe(
     """Fit and test a linear probe on a feature table under a named protocol.
 
     Writes ``<protocol>.json`` (all figures), ``<protocol>.md`` (the table) and ``<protocol>_roc.png``
-    into ``out_dir``. See :mod:`mmv.eval.protocols` for the protocols and ``labels_root``, and
+    into ``out_dir``; with ``modality``, only the rows of that modality tag (``"CT"``, ``"DX"``, ...) of a
+    mixed table are probed, and the files are named ``<protocol>_<modality>.*``. See
+    :mod:`mmv.eval.protocols` for the protocols and ``labels_root``, and
     :func:`~mmv.eval.probe.fit_linear_probe` for ``l2_grid``, ``select_by`` and ``max_iter``; ``seed``
     draws the carved validation split and the bootstrap.
     """
     protocol_spec = get_protocol(protocol)
     table = read_feature_table(features_dir, array)
+    if modality is not None:
+        table = table.subset(_modality_rows(table, modality, None, seed))
     data = prepare_protocol(protocol_spec, table, labels_root, val_fraction=val_fraction, seed=seed)
     probe = fit_linear_probe(
         table.select(data.train.rows), data.train.labels,
@@ -78,6 +83,7 @@ def run_probe(
         "protocol_summary": protocol_spec.summary,
         "features_dir": str(Path(features_dir)),
         "array": array,
+        "modality": modality,
         "feature_dim": int(table.features.shape[1]),
         "labels_root": None if labels_root is None else str(labels_root),
         "rows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
@@ -90,20 +96,22 @@ def run_probe(
     }
     notes = {
         "protocol": f"`{protocol_spec.name}`: {protocol_spec.summary}",
-        "features": f"`{array}` ({table.features.shape[1]} dims) from `{Path(features_dir)}`",
+        "features": f"`{array}` ({table.features.shape[1]} dims) from `{Path(features_dir)}`"
+        + ("" if modality is None else f", {modality} rows only"),
         "rows": f"train {len(data.train)}, val {len(data.val)}, test {len(data.test)}",
         "left out": f"{data.unlabelled_feature_rows} feature rows without labels, "
         f"{data.missing_feature_items} labelled items without features",
     }
     out_dir = Path(out_dir)
-    title = f"Linear probe, {protocol_spec.name}, {array} features"
-    markdown_path = out_dir / f"{protocol_spec.name}.md"
+    stem = protocol_spec.name if modality is None else f"{protocol_spec.name}_{modality}"
+    title = f"Linear probe, {protocol_spec.name}, {array} features" + ("" if modality is None else f", {modality}")
+    markdown_path = out_dir / f"{stem}.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(probe_markdown(probe, evaluation, title, notes), encoding="utf-8")
     outputs = {
-        "json": write_json(out_dir / f"{protocol_spec.name}.json", probe_summary(probe, evaluation, context)),
+        "json": write_json(out_dir / f"{stem}.json", probe_summary(probe, evaluation, context)),
         "markdown": markdown_path,
-        "roc_plot": plot_roc_curves(out_dir / f"{protocol_spec.name}_roc.png", evaluation, title),
+        "roc_plot": plot_roc_curves(out_dir / f"{stem}_roc.png", evaluation, title),
     }
     return ProbeRun(data=data, probe=probe, evaluation=evaluation, outputs=outputs)
 

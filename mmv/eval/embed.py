@@ -21,10 +21,12 @@ Data sets (:class:`DatasetSpec`)
     number.
 
 Preprocessing
-    CT is windowed and resampled, X-rays resized and normalised (:class:`~mmv.pretrain_data.ModalityPreprocess`)
-    with the settings of the pretraining run when the checkpoint comes with its run config (the training
-    checkpoint itself, or ``config.json`` next to an ``encoder`` directory), else with the pretraining
-    defaults (:class:`~mmv.train_config.DataConfig`); each setting can be given explicitly instead.
+    CT is windowed and resampled, X-rays resized and normalised (:class:`mmv.data.ModalityPreprocess`) as
+    the encoder was trained: with the preprocessing its ``config.json`` records (:attr:`mmv.Encoder.preprocess`;
+    an encoder directory, wherever it was copied, or an Encoder object), or the run config of a training
+    checkpoint. An encoder directory written before mmv recorded it falls back to the run's ``config.json``
+    beside it, else to the defaults (:mod:`mmv.data.preprocess`) with a warning. Each setting can be given
+    explicitly instead; ``embed.json`` says where the preprocessing came from.
 
 Resuming
     Work in progress lives in ``<out_dir>/partial``, a feature table over every image of the data set,
@@ -47,6 +49,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import latest_checkpoint, load_checkpoint
+from mmv.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
 from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
@@ -72,10 +75,11 @@ from mmv.eval.features import (
     read_feature_table,
 )
 from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict
-from mmv.model.encoder import Encoder
-from mmv.pretrain_data import ModalityPreprocess, modality_preprocess
+from mmv.data.preprocess import ModalityPreprocess
+from mmv.model.encoder import PREPROCESS_KEY, Encoder, MissingPreprocessWarning
+from mmv.pretrain_data import modality_preprocess
 from mmv.tokenizer import Tokenizer
-from mmv.train_config import DataConfig, PretrainConfig
+from mmv.train_config import PretrainConfig
 
 __all__ = [
     "ARRAY_NAMES",
@@ -99,7 +103,6 @@ RUN_FILE = "embed.json"
 PARTIAL_DIR = "partial"
 RUN_FORMAT = "mmv-embed"
 RUN_VERSION = 1
-TRAINING_CHECKPOINT_FORMAT = "mmv-pretrain-checkpoint"
 # Where the trainer keeps the EMA teacher's encoder inside a training checkpoint.
 TEACHER_ENCODER_PREFIX = "module.encoder."
 
@@ -109,8 +112,6 @@ _NAMED_SPLITS = {
     "chexpert": {"train": "train", "valid": "val"},
     "ctrate": {"train": "train", "valid": "val"},
 }
-# Manifest columns that describe a row rather than label it.
-_MANIFEST_ROW_COLUMNS = ("split", "group")
 # What each setting that must not change within a feature table is called in messages.
 _SETTING_NAMES = {
     "weights_sha256": "weights",
@@ -223,18 +224,13 @@ def _patient_numbers(records) -> tuple[str, ...]:
 
 def _open_manifest(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
     rows = read_table(spec.path)
-    header = list(rows[0]) if rows else []
-    id_column = spec.id_column if spec.id_column is not None else ("id" if "id" in header else None)
-    label_columns = spec.label_columns
-    if label_columns is None:
-        described = {"path", "modality", id_column, *_MANIFEST_ROW_COLUMNS}
-        label_columns = tuple(column for column in header if column not in described)
-    clashes = [name for name in label_columns if name in INDEX_COLUMNS]
+    dataset = Manifest(
+        spec.path, label_columns=spec.label_columns, id_column=spec.id_column, transform=transform, cache=cache,
+        on_error=on_error,
+    )
+    clashes = [name for name in dataset.label_names if name in INDEX_COLUMNS]
     if clashes:
         raise ValueError(f"{spec.path}: label columns may not be named {clashes} (they are index columns)")
-    dataset = Manifest(
-        spec.path, label_columns=label_columns, id_column=id_column, transform=transform, cache=cache, on_error=on_error
-    )
     # Manifest keeps one record per table row, in order.
     splits = [(row.get("split") or "").strip() for row in rows]
     groups = [(row.get("group") or "").strip() for row in rows]
@@ -294,16 +290,19 @@ def open_dataset(
 
 @dataclass(frozen=True, eq=False)
 class LoadedEncoder:
-    """An encoder read for embedding, with the data settings of the run that trained it (when known).
+    """An encoder read for embedding, with the preprocessing it was trained with (when known).
 
     Attributes:
-        encoder: the encoder, in eval mode.
-        data_config: the ``[data]`` section of the pretraining run, or None.
+        encoder: the encoder, in eval mode; its ``preprocess`` is :attr:`preprocess`.
+        preprocess: the preprocessing of its training run, or the defaults.
+        preprocess_from: where :attr:`preprocess` comes from: ``"the encoder"`` (its own record),
+            ``"the pretraining run"`` (a run config) or ``"the defaults"``.
         source: what was read, for the record (a path, or ``"an Encoder object"``).
     """
 
     encoder: Encoder
-    data_config: DataConfig | None
+    preprocess: ModalityPreprocess
+    preprocess_from: str
     source: str
 
 
@@ -314,8 +313,17 @@ def _run_config(path: Path) -> PretrainConfig | None:
         if not isinstance(values, dict) or "data" not in values or "model" not in values:
             return None
         return PretrainConfig.from_dict(values)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
         return None
+
+
+def _records_preprocess(path: Path) -> bool:
+    """Whether the encoder config at ``path`` records its preprocessing (unreadable: from_pretrained says why)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
+    return not isinstance(values, dict) or PREPROCESS_KEY in values
 
 
 def _load_training_checkpoint(path: Path) -> LoadedEncoder:
@@ -325,8 +333,11 @@ def _load_training_checkpoint(path: Path) -> LoadedEncoder:
             path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
         )
     try:
-        config = PretrainConfig.from_dict(json.loads(state["config"]))
+        config = PretrainConfig.from_dict(parse_json_config(state["config"], path))
         encoder_config = config.model.encoder_config()
+        preprocess = modality_preprocess(config.data)
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(path, f"its run config is unusable ({error})") from error
     weights = {
@@ -337,12 +348,24 @@ def _load_training_checkpoint(path: Path) -> LoadedEncoder:
     encoder = Encoder(encoder_config)
     check_state_dict(path, weights, encoder.state_dict())
     encoder.load_state_dict(weights)
-    return LoadedEncoder(encoder.eval(), config.data, str(path))
+    encoder.preprocess = preprocess
+    return LoadedEncoder(encoder.eval(), preprocess, "the pretraining run", str(path))
 
 
 def _load_encoder_directory(path: Path) -> LoadedEncoder:
+    if _records_preprocess(path / CONFIG_NAME):
+        encoder = Encoder.from_pretrained(path)
+        return LoadedEncoder(encoder, encoder.preprocess, "the encoder", str(path))
+    # Written before encoders recorded their preprocessing: the run config beside it still says what it was.
     run = _run_config(path.parent / CONFIG_NAME)
-    return LoadedEncoder(Encoder.from_pretrained(path), None if run is None else run.data, str(path))
+    if run is None:
+        encoder = Encoder.from_pretrained(path)  # warns that the defaults are used
+        return LoadedEncoder(encoder, encoder.preprocess, "the defaults", str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingPreprocessWarning)
+        encoder = Encoder.from_pretrained(path)
+    encoder.preprocess = modality_preprocess(run.data)
+    return LoadedEncoder(encoder, encoder.preprocess, "the pretraining run", str(path))
 
 
 def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
@@ -353,7 +376,7 @@ def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
         CheckpointError: an unreadable or foreign checkpoint, or weights that do not fit its config.
     """
     if isinstance(checkpoint, Encoder):
-        return LoadedEncoder(checkpoint.eval(), None, "an Encoder object")
+        return LoadedEncoder(checkpoint.eval(), checkpoint.preprocess, "the encoder", "an Encoder object")
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path or an mmv.Encoder, got {type(checkpoint).__name__}")
     path = Path(checkpoint)
@@ -375,32 +398,32 @@ def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
 
 
 def embed_preprocess(
-    data_config: DataConfig | None = None,
+    preprocess: ModalityPreprocess | None = None,
     *,
     ct_spacing: Sequence[float] | None = None,
     ct_window: Sequence[float] | None = None,
     xray_spacing: float | None = None,
     xray_short_side: int | None = None,
 ) -> ModalityPreprocess:
-    """The preprocessing of embedding: a run's data settings (or the defaults) with any setting replaced.
+    """The preprocessing of embedding: the encoder's (or the defaults) with any setting replaced.
 
     ``xray_spacing`` (mm pixels) and ``xray_short_side`` (pixels) are alternatives: give at most one.
     """
-    data = data_config if data_config is not None else DataConfig()
-    if not isinstance(data, DataConfig):
-        raise TypeError(f"data_config must be a DataConfig or None, got {type(data).__name__}")
+    base = preprocess if preprocess is not None else ModalityPreprocess()
+    if not isinstance(base, ModalityPreprocess):
+        raise TypeError(f"preprocess must be an mmv.data.ModalityPreprocess or None, got {type(base).__name__}")
     if xray_spacing is not None and xray_short_side is not None:
         raise ValueError("give at most one of xray_spacing and xray_short_side")
-    replaced: dict[str, Any] = {}
+    ct, xray = base.ct, base.xray
     if ct_spacing is not None:
-        replaced["ct_spacing"] = tuple(ct_spacing)
+        ct = dataclasses.replace(ct, spacing=tuple(ct_spacing))
     if ct_window is not None:
-        replaced["ct_window"] = tuple(ct_window)
+        ct = dataclasses.replace(ct, window=tuple(ct_window))
     if xray_spacing is not None:
-        replaced["xray_spacing"] = float(xray_spacing)
+        xray = dataclasses.replace(xray, short_side=None, spacing=(float(xray_spacing),) * 2)
     if xray_short_side is not None:
-        replaced.update(xray_spacing=None, xray_short_side=xray_short_side)
-    return modality_preprocess(dataclasses.replace(data, **replaced))
+        xray = dataclasses.replace(xray, short_side=xray_short_side, spacing=None)
+    return ModalityPreprocess(ct, xray)
 
 
 def _weights_digest(encoder: Encoder) -> str:
@@ -625,8 +648,8 @@ def run_embed(
         num_workers: DataLoader worker processes that read, preprocess and tokenise.
         device: where the encoder runs; default CUDA when available, else the CPU.
         bf16: encode under bfloat16 autocast (features are stored as float32 either way).
-        ct_spacing, ct_window, xray_spacing, xray_short_side: preprocessing settings replacing those of the
-            pretraining run (see :func:`embed_preprocess`).
+        ct_spacing, ct_window, xray_spacing, xray_short_side: preprocessing settings replacing those the
+            encoder was trained with (see :func:`embed_preprocess`).
         cache_dir: a :class:`mmv.data.PreprocessCache` directory for the preprocessed images.
         on_error: ``"raise"`` stops at an unreadable image; ``"skip"`` leaves it out of the table, logs it
             once and lists it in ``embed.json``.
@@ -658,7 +681,7 @@ def run_embed(
         "xray_spacing": xray_spacing,
         "xray_short_side": xray_short_side,
     }
-    transform = embed_preprocess(loaded.data_config, **given)
+    transform = embed_preprocess(loaded.preprocess, **given)
     cache = PreprocessCache(cache_dir) if cache_dir is not None else None
     opened = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
     index = opened.index()
@@ -666,7 +689,7 @@ def run_embed(
         {
             "weights_sha256": _weights_digest(encoder),
             "encoder_config": encoder.config.to_dict(),
-            "preprocess": dataclasses.asdict(transform),
+            "preprocess": transform.to_dict(),
             "bf16": bf16,
         }
     )
@@ -683,7 +706,7 @@ def run_embed(
         "settings": settings,
         "checkpoint": loaded.source,
         "preprocess_from": {
-            "base": "the pretraining run" if loaded.data_config is not None else "the defaults",
+            "base": loaded.preprocess_from,
             "arguments": [name for name, value in given.items() if value is not None],
         },
         "dataset": dataset.to_dict(),
@@ -737,20 +760,29 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--fixed", action="store_true", help="ctrate: read the header-fixed volumes")
     parser.add_argument("--id-column", help="manifest: the id column (default 'id' when present, else the path)")
-    parser.add_argument("--label-columns", nargs="+", metavar="NAME", help="manifest: the label columns")
-    parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch (16384)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0)")
+    parser.add_argument(
+        "--label-columns", nargs="+", metavar="NAME",
+        help="manifest: the label columns (default: all but path, modality, id, split and group)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch (default: 16384)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast")
     parser.add_argument(
-        "--ct-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="CT voxel size in mm (default: the run's)"
+        "--ct-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
+        help="CT voxel size in mm (default: the encoder's)",
     )
-    parser.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU (the run's)")
+    parser.add_argument(
+        "--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU (default: the encoder's)"
+    )
     xray = parser.add_mutually_exclusive_group()
-    xray.add_argument("--xray-spacing", type=float, help="X-ray pixel size in mm (default: the run's)")
-    xray.add_argument("--xray-short-side", type=int, help="X-ray short side in pixels (default: the run's)")
+    xray.add_argument("--xray-spacing", type=float, help="X-ray pixel size in mm (default: the encoder's)")
+    xray.add_argument("--xray-short-side", type=int, help="X-ray short side in pixels (default: the encoder's)")
     parser.add_argument("--cache-dir", help="preprocessing cache directory")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="unreadable images (raise)")
+    parser.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise",
+        help="what to do with unreadable images (default: raise)",
+    )
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

@@ -2,6 +2,6 @@
 
 from mmv.model.checkpoint import CheckpointError
 from mmv.model.config import PRESETS, EncoderConfig
-from mmv.model.encoder import Encoder, EncoderOutput
+from mmv.model.encoder import Encoder, EncoderOutput, MissingPreprocessWarning
 
-__all__ = ["Encoder", "EncoderConfig", "EncoderOutput", "CheckpointError", "PRESETS"]
+__all__ = ["Encoder", "EncoderConfig", "EncoderOutput", "CheckpointError", "MissingPreprocessWarning", "PRESETS"]

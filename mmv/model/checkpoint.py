@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from mmv.checkpoint import MAX_CONFIG_BYTES, CheckpointError, parse_json_config
+from mmv.files import atomic_write
+
 __all__ = ["CheckpointError", "CONFIG_NAME", "SAFETENSORS_NAME", "TORCH_NAME", "write_checkpoint", "read_checkpoint", "check_state_dict"]
 
 CONFIG_NAME = "config.json"
@@ -25,30 +28,27 @@ except ImportError:  # an optional dependency: fall back to torch.save / weights
     safetensors_torch = None
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, truncated, or holds weights that do not fit the model."""
-
-    def __init__(self, path: str | os.PathLike, message: str) -> None:
-        self.path = str(path)
-        super().__init__(f"{self.path}: {message}")
-
-
 def write_checkpoint(directory: str | os.PathLike, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:
     """Write ``config.json`` and the weights into ``directory`` (created if needed); returns the weights path.
 
-    Each file is written under a temporary name and renamed, so a crash never leaves a half-written one.
+    Each file is written under a temporary name, fsynced and renamed, so a crash or a power loss never
+    leaves a half-written one.
+
+    Raises:
+        OSError: "no space left on <directory>" for a full disk, or the file system's error.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     config_path = directory / CONFIG_NAME
-    _atomic_write(config_path, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(config_path, lambda stream: stream.write((json.dumps(config, indent=2) + "\n").encode()))
     if safetensors_torch is not None:
         weights_path, stale_path = directory / SAFETENSORS_NAME, directory / TORCH_NAME
-        _atomic_write(weights_path, lambda path: safetensors_torch.save_file(tensors, str(path), metadata={"format": "pt"}))
+        # Serialised here and written by atomic_write, so a full disk is reported as one.
+        atomic_write(weights_path, lambda stream: stream.write(safetensors_torch.save(tensors, metadata={"format": "pt"})))
     else:
         weights_path, stale_path = directory / TORCH_NAME, directory / SAFETENSORS_NAME
-        _atomic_write(weights_path, lambda path: torch.save(tensors, path))
+        atomic_write(weights_path, lambda stream: torch.save(tensors, stream))
     # Weights of the other format from an earlier save would otherwise shadow or outlive these.
     stale_path.unlink(missing_ok=True)
     return weights_path
@@ -63,11 +63,11 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: the checkpoint has no {CONFIG_NAME}")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(config_path, f"cannot read the config as JSON ({error})") from error
-    if not isinstance(config, dict):
-        raise CheckpointError(config_path, f"the config must be a JSON object, got {type(config).__name__}")
+        with open(config_path, "rb") as stream:
+            text = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise CheckpointError(config_path, f"cannot read the config ({error})") from error
+    config = parse_json_config(text, config_path)
     safetensors_path = directory / SAFETENSORS_NAME
     torch_path = directory / TORCH_NAME
     if safetensors_path.is_file():
@@ -80,7 +80,7 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
 
 
 def check_state_dict(path: Path, loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Raise :class:`CheckpointError` unless ``loaded`` has exactly the names and shapes of ``expected``."""
+    """Raise :class:`CheckpointError` unless ``loaded`` has exactly the names, shapes and kinds of dtype of ``expected``."""
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
     if missing or unexpected:
@@ -92,8 +92,12 @@ def check_state_dict(path: Path, loaded: dict[str, torch.Tensor], expected: dict
             raise CheckpointError(
                 path, f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
             )
-        if not tensor.is_floating_point():
+        # Floating-point weights load into any floating dtype; integer buffers (counters) must match exactly.
+        wanted = expected[name]
+        if wanted.is_floating_point() and not tensor.is_floating_point():
             raise CheckpointError(path, f"weight {name!r} must be floating point, got {tensor.dtype}")
+        if not wanted.is_floating_point() and tensor.dtype != wanted.dtype:
+            raise CheckpointError(path, f"weight {name!r} must be {wanted.dtype}, got {tensor.dtype}")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -111,15 +115,6 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
         raise CheckpointError(path, "the file must hold a dict of tensors")
     return loaded
-
-
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _few(names: list[str], limit: int = 5) -> str:

@@ -23,6 +23,18 @@ PRESETS: dict[str, dict[str, int]] = {
 
 MLP_KINDS = ("gelu", "swiglu")
 
+# Upper bounds of the sizes, far above any preset, so that a config from an untrusted file cannot make the
+# encoder allocate without limit. MAX_PARAMETERS bounds the product of the sizes (2**31 float32 parameters
+# are 8 GiB; vit_large has 0.3e9, ViT-g 1.1e9).
+SIZE_LIMITS: dict[str, int] = {
+    "embed_dim": 16384,
+    "depth": 512,
+    "num_registers": 1024,
+    "mlp_ratio": 64,
+    "patch_side": 512,
+}
+MAX_PARAMETERS = 2**31
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -44,6 +56,11 @@ class EncoderConfig:
         rope_sections: rotary pairs per axis (z, y, x); None means ``default_sections(head_dim)``.
         rope_base: base of the rotary frequencies.
         norm_eps: LayerNorm epsilon.
+
+    Sizes are bounded so that a config read from a file cannot exhaust memory: embed_dim <= 16384,
+    depth <= 512, num_registers <= 1024, mlp_ratio <= 64, each side of patch_size <= 512 (see
+    ``SIZE_LIMITS``), and about 2**31 parameters in all (``MAX_PARAMETERS``); num_heads is bounded by
+    embed_dim (an even head dimension of at most 256). Beyond them the constructor raises ValueError.
     """
 
     embed_dim: int = 384
@@ -98,10 +115,19 @@ class EncoderConfig:
             raise TypeError(f"EncoderConfig: rope_sections must be three ints (z, y, x), got {sections!r}") from None
         check_sections(sections, head_dim // 2, "EncoderConfig (rope_sections)")
         _set(self, "rope_sections", sections)
+        _check_size_limits(self)
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def approximate_parameters(self) -> int:
+        """The encoder's parameter count to within a few percent (attention, MLPs, patch embedding, tokens)."""
+        width, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
+        pz, py, px = self.patch_size
+        per_block = 4 * width * width + 2 * width * hidden
+        return self.depth * per_block + width * (pz * py * px + self.num_registers + 4)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> EncoderConfig:
@@ -118,15 +144,42 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
-        """The config from :meth:`to_dict`'s output; unknown keys raise ValueError naming them."""
+        """The config from :meth:`to_dict`'s output: every field, no other key.
+
+        A missing or unknown key raises ValueError naming it: a missing field is never filled with its
+        default, which would build a different model than the one the values describe.
+        """
         if not isinstance(values, dict):
             raise TypeError(f"EncoderConfig.from_dict: values must be a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"EncoderConfig.from_dict: unknown keys {unknown}")
+        missing = [name for name in known if name not in values]
+        if missing:
+            raise ValueError(f"EncoderConfig.from_dict: missing required keys {missing}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+def _check_size_limits(config: EncoderConfig) -> None:
+    """Raise ValueError for sizes beyond :data:`SIZE_LIMITS` or :data:`MAX_PARAMETERS`, before anything is allocated."""
+    sizes = {
+        "embed_dim": config.embed_dim,
+        "depth": config.depth,
+        "num_registers": config.num_registers,
+        "mlp_ratio": config.mlp_ratio,
+        "patch_side": max(config.patch_size),
+    }
+    for name, value in sizes.items():
+        if value > SIZE_LIMITS[name]:
+            what = "each side of patch_size" if name == "patch_side" else name
+            raise ValueError(f"EncoderConfig: {what} must be at most {SIZE_LIMITS[name]}, got {value}")
+    if config.approximate_parameters > MAX_PARAMETERS:
+        raise ValueError(
+            f"EncoderConfig: about {config.approximate_parameters:.3g} parameters, more than the {MAX_PARAMETERS:.3g} "
+            "an encoder may have (embed_dim, depth, mlp_ratio and patch_size together)"
+        )
 
 
 def _set(config: EncoderConfig, name: str, value: Any) -> None:

@@ -9,22 +9,40 @@ images, of any size, share every weight.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmv.data.preprocess import ModalityPreprocess
 from mmv.image import Image
-from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict, read_checkpoint, write_checkpoint
+from mmv.model.checkpoint import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    TORCH_NAME,
+    CheckpointError,
+    check_state_dict,
+    read_checkpoint,
+    write_checkpoint,
+)
 from mmv.model.config import EncoderConfig
 from mmv.model.layers import Block, LayerScale, PackedContext, PatchEmbed
 from mmv.ops import rope_freqs
 from mmv.packing import PackedBatch, PrefixLayout, inverse_permutation, pack, permute_rows, prefix_layout, unpack
 from mmv.tokenizer import Tokenizer, as_image
 
-__all__ = ["Encoder", "EncoderOutput"]
+__all__ = ["Encoder", "EncoderOutput", "MissingPreprocessWarning", "PREPROCESS_KEY"]
+
+# The key of config.json that holds the preprocessing the encoder was trained with.
+PREPROCESS_KEY = "preprocess"
+
+
+class MissingPreprocessWarning(UserWarning):
+    """An encoder directory does not record its preprocessing (written before mmv did), so the default is used."""
 
 
 @dataclass
@@ -63,12 +81,21 @@ class Encoder(nn.Module):
     Args:
         config: the hyperparameters; see :class:`EncoderConfig` and :meth:`from_preset`.
 
-    Call it on a list of :class:`mmv.Image` (or arrays, read with 1 mm spacing), or on a
-    :class:`PackedBatch` from a data loader; it returns an :class:`EncoderOutput`::
+    Call it on a list of :class:`mmv.Image`, MONAI MetaTensors (spacing and orientation from their
+    affine) or arrays (read with 1 mm spacing; the accepted layouts are those of
+    :func:`mmv.tokenizer.as_image`), or on a :class:`PackedBatch` from a data loader; it returns an
+    :class:`EncoderOutput`::
 
         enc = Encoder.from_preset("vit_small")
         out = enc([Image(xray, (0.2, 0.2)), Image(ct, (1.5, 1.0, 1.0))])
         out.cls, out.pooled, out.unpack()
+
+    Attributes:
+        config: the :class:`EncoderConfig`.
+        preprocess: the :class:`mmv.data.ModalityPreprocess` its inputs are meant to have been through (CT
+            and X-ray pipelines); the default preprocessing for a new encoder, the one the encoder was
+            trained with after :meth:`from_pretrained` (``mmv pretrain`` records it). It travels with the
+            weights: :meth:`save_pretrained` writes it, and ``mmv embed`` applies it.
     """
 
     def __init__(self, config: EncoderConfig | None = None) -> None:
@@ -106,6 +133,7 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.register_buffer("rope_freqs", self._rope_freqs(), persistent=False)
         self.tokenizer = Tokenizer(config.patch_size)
+        self.preprocess = ModalityPreprocess()
         self.init_weights()
 
     @classmethod
@@ -155,7 +183,9 @@ class Encoder(nn.Module):
 
         Args:
             inputs: a :class:`PackedBatch` whose patch size is ``config.patch_size``, or a list of
-                :class:`mmv.Image` / arrays (tokenised here, without dropping any token).
+                :class:`mmv.Image` / MONAI MetaTensors / arrays (tokenised here, without dropping any
+                token; see :func:`mmv.tokenizer.as_image`). An ambiguous array layout raises a ValueError
+                naming ``inputs[i]`` and its shape.
             token_mask: optional bool ``(T,)`` over the packed patch tokens; True replaces a token's
                 embedding by the learned mask token (masked image modelling).
 
@@ -194,7 +224,8 @@ class Encoder(nn.Module):
             batch = pack([self.tokenizer(image) for image in images])
         else:
             raise TypeError(
-                f"Encoder: inputs must be a PackedBatch or a list of mmv.Image / tensors, got {type(inputs).__name__}"
+                f"Encoder: inputs must be a PackedBatch or a list of mmv.Image / MetaTensors / tensors, got "
+                f"{type(inputs).__name__}"
             )
         if batch.device != device:
             batch = batch.to(device)
@@ -297,24 +328,66 @@ class Encoder(nn.Module):
     # ----------------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and the weights (``model.safetensors``) into ``directory``."""
-        write_checkpoint(directory, self.config.to_dict(), self.state_dict())
+        """Write ``config.json`` (the config, and :attr:`preprocess` under ``"preprocess"``) and the weights
+        (``model.safetensors``) into ``directory``."""
+        if not isinstance(self.preprocess, ModalityPreprocess):
+            raise TypeError(
+                f"Encoder.preprocess must be an mmv.data.ModalityPreprocess, got {type(self.preprocess).__name__}"
+            )
+        config = {**self.config.to_dict(), PREPROCESS_KEY: self.preprocess.to_dict()}
+        write_checkpoint(directory, config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: torch.device | str = "cpu") -> Encoder:
         """Load an encoder written by :meth:`save_pretrained`, in eval mode, without executing code.
 
+        ``directory`` is the folder :meth:`save_pretrained` wrote, or its ``config.json`` or weights file.
+        The encoder's :attr:`preprocess` is the one recorded in ``config.json``; a folder written before mmv
+        recorded it loads with the default preprocessing and a :class:`MissingPreprocessWarning`.
+
         Raises:
             FileNotFoundError: the directory, its config or its weights are missing.
-            CheckpointError: a file is unreadable or truncated, or the weights do not fit the config.
+            CheckpointError: a file is unreadable or truncated, the config lacks a field or has an invalid
+                one, or the weights do not fit the config.
         """
+        directory = _checkpoint_directory(directory)
         config_values, state_dict, weights_path = read_checkpoint(directory)
-        config_path = os.path.join(directory, CONFIG_NAME)
+        config_path = directory / CONFIG_NAME
+        preprocess_values = config_values.pop(PREPROCESS_KEY, None)
         try:
             config = EncoderConfig.from_dict(config_values)
         except (TypeError, ValueError) as error:
             raise CheckpointError(config_path, f"invalid encoder config ({error})") from error
+        try:
+            preprocess = None if preprocess_values is None else ModalityPreprocess.from_dict(preprocess_values)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(config_path, f"invalid {PREPROCESS_KEY!r} section ({error})") from error
         encoder = cls(config)
         check_state_dict(weights_path, state_dict, encoder.state_dict())
         encoder.load_state_dict(state_dict)
+        if preprocess is None:
+            warnings.warn(
+                f"{config_path} does not record the encoder's preprocessing (written by an older mmv): "
+                f"encoder.preprocess is the default, {encoder.preprocess!r}; set it to the preprocessing "
+                "the encoder was trained with",
+                MissingPreprocessWarning,
+                stacklevel=2,
+            )
+        else:
+            encoder.preprocess = preprocess
         return encoder.to(map_location).eval()
+
+
+def _checkpoint_directory(path: str | os.PathLike) -> Path:
+    """The encoder directory of ``path``: the path itself, or the folder of its config or weights file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Encoder.from_pretrained: directory must be a path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        return path
+    if path.name in (CONFIG_NAME, SAFETENSORS_NAME, TORCH_NAME):
+        return path.parent
+    raise CheckpointError(
+        path,
+        f"Encoder.from_pretrained takes the directory save_pretrained wrote ({CONFIG_NAME} and the weights), not a file",
+    )

@@ -34,8 +34,11 @@ def packed_attention(
         scale: the softmax scale, default ``D ** -0.5``.
         deterministic: make the backward pass bit-reproducible whatever the run or the order of
             sequences (the CPU backward always is).
-        validate: check the values of ``cu_seqlens``. Only skip this for a ``PackedBatch``, which was
-            validated when it was built; on GPUs the check costs a host synchronisation.
+        validate: check the values of ``cu_seqlens`` on CUDA, where the check copies them to the host
+            (a synchronisation). With False the CUDA kernels trust them: wrong values give wrong results,
+            though every memory access stays in bounds; only skip it for a ``PackedBatch``, which was
+            validated when it was built. The CPU kernel and the reference fallback schedule from the
+            values and always check them, whatever ``validate`` says.
 
     Returns:
         ``(T, H, D)`` of q's dtype. No token attends to another sequence's tokens.

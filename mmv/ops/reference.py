@@ -1,6 +1,6 @@
 """Plain PyTorch versions of mmv's ops.
 
-These are the specification in code (DESIGN.md, "Op: rope3d" and "Op: packed_attention") and the
+These are the specification in code (docs/design.md, "Op: rope3d" and "Op: packed_attention") and the
 fallback on devices that have no mmv kernel. They favour clarity over speed: attention here
 materialises one L x L score matrix per sequence, which the kernels never do.
 """

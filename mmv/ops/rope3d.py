@@ -35,6 +35,9 @@ def rope3d(
         A new contiguous ``(T, H, D)`` tensor of ``x``'s dtype. Gradients flow to ``x`` only.
     """
     sections = [int(s) for s in sections]
+    if any(not -(2**63) <= s < 2**63 for s in sections):
+        # The op's schema takes int64; a larger count would fail in its argument parsing, unnamed.
+        raise ValueError(f"rope3d: sections must be pair counts of at most the rotary pairs of x, got {sections}")
     interleaved = bool(interleaved)
     if has_kernel("rope3d", x.device.type):
         return torch.ops.mmv.rope3d(x, coords, freqs, sections, interleaved)

@@ -1,5 +1,5 @@
 // Smoke test of the C++ library: loading it registers the mmv ops with PyTorch's dispatcher; on tiny
-// inputs they compute what DESIGN.md defines (checked against direct loops in double); bad arguments
+// inputs they compute what docs/design.md defines (checked against direct loops in double); bad arguments
 // raise c10::Error naming the argument. Calls are boxed, so the test depends on the op schemas only,
 // not on the C++ signatures the kernels are written with. An op without a kernel for a device yet is
 // reported as skipped; anything wrong prints a FAIL line and the exit status is 1.
