@@ -99,10 +99,9 @@ __global__ void __launch_bounds__(128) forward_mma_kernel(ForwardParams p) {
 
     load_rows_async<kBlockM, kHeadDim, kThreads>(q_tile, q_head, p.q.stride_token, q_row0, end, tid);
     cp_async_commit();
-    load_rows_async<kBlockN, kHeadDim, kThreads>(k_tiles, k_head, p.k.stride_token, start, end, tid);
-    load_rows_async<kBlockN, kHeadDim, kThreads>(v_tiles, v_head, p.v.stride_token, start, end, tid);
-    cp_async_commit();
-
+    const KeyValuePipeline<kBlockN, kHeadDim, kThreads, Element> kv{
+        k_tiles, v_tiles, k_head, v_head, p.k.stride_token, p.v.stride_token, start, end, key_blocks, tid};
+    kv.load(0);
 
     float o[kRowBlocks][kOutTiles][4];
     float row_max[kRowBlocks][2];
@@ -122,23 +121,9 @@ __global__ void __launch_bounds__(128) forward_mma_kernel(ForwardParams p) {
     }
 
     for (int j = 0; j < key_blocks; ++j) {
-      const int stage = j & 1;
-      if (j + 1 < key_blocks) {
-        const int next_row0 = start + (j + 1) * kBlockN;
-        const int next_stage = stage ^ 1;
-        load_rows_async<kBlockN, kHeadDim, kThreads>(k_tiles + next_stage * Shape::kKVElements, k_head,
-                                                     p.k.stride_token, next_row0, end, tid);
-        load_rows_async<kBlockN, kHeadDim, kThreads>(v_tiles + next_stage * Shape::kKVElements, v_head,
-                                                     p.v.stride_token, next_row0, end, tid);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
-
-      const Element* k_tile = k_tiles + stage * Shape::kKVElements;
-      const Element* v_tile = v_tiles + stage * Shape::kKVElements;
+      kv.wait_for(j);
+      const Element* k_tile = kv.k_tile(j);
+      const Element* v_tile = kv.v_tile(j);
 
       // S = Q K^T for this warp's rows and the 64 keys of the step.
       float s[kRowBlocks][kKeyTiles][4];
