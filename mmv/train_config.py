@@ -214,9 +214,23 @@ class AugmentConfig(_Section):
     mask_ratio: tuple[float, float] = (0.1, 0.5)
 
 
+# Ranges of the SSL head sizes: far beyond any published recipe (DINOv2: 131072 prototypes, 4096 hidden).
+SSL_HEAD_LIMITS = {
+    "num_prototypes": (1, 2**20),
+    "head_hidden_dim": (1, 2**16),
+    "head_bottleneck_dim": (1, 2**16),
+    "head_layers": (1, 16),
+}
+_MAX_HEAD_LAYER_WEIGHTS = 2**31
+
+
 @dataclass
 class SslConfig(_Section):
-    """Heads, losses and teacher of the DINOv2 objective."""
+    """Heads, losses and teacher of the DINOv2 objective.
+
+    The head sizes are bounded (:data:`SSL_HEAD_LIMITS`, and at most 2^31 weights in one head layer), so
+    that a mistyped size fails here, naming the key, instead of exhausting memory when the heads are built.
+    """
 
     num_prototypes: int = 65536
     head_hidden_dim: int = 2048
@@ -232,6 +246,20 @@ class SslConfig(_Section):
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, (low, high) in SSL_HEAD_LIMITS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"ssl.{name} must lie in [{low}, {high}], got {value}")
+        largest_layer = max(self.head_hidden_dim**2, self.head_bottleneck_dim * self.num_prototypes)
+        if largest_layer > _MAX_HEAD_LAYER_WEIGHTS:
+            raise ValueError(
+                f"ssl.head_hidden_dim ({self.head_hidden_dim}), ssl.head_bottleneck_dim ({self.head_bottleneck_dim}) "
+                f"and ssl.num_prototypes ({self.num_prototypes}) give a head layer of {largest_layer} weights, "
+                f"more than {_MAX_HEAD_LAYER_WEIGHTS}"
+            )
 
 
 @dataclass

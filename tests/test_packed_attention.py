@@ -94,9 +94,10 @@ def check_non_finite_against_reference(q, k, v, lengths, scale, seed, determinis
     """packed_attention on q's device against the float64 reference, for inputs holding NaN or inf.
 
     A NaN or inf in q, k or v (a diverging run) must reach the output and gradients wherever it reaches
-    the reference's: never dropped as if masked, never spread to other sequences or heads. The one
-    documented difference: a row with a +inf score has lse NaN (torch.logsumexp: +inf), so every
-    gradient of its sequence and head that the row touches is NaN.
+    the reference's: never dropped as if masked, never spread to other sequences or heads. Two documented
+    differences: a row with a +inf score has lse NaN (torch.logsumexp: +inf), so every gradient of its
+    sequence and head that the row touches is NaN; and an element that is infinite in the reference may be
+    NaN in the kernel's, whose sums meet the infinities in another order (inf - inf).
     """
     device = q.device
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))

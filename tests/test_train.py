@@ -106,6 +106,21 @@ def test_config_values_are_normalised_and_checked_on_direct_construction():
         RunSettings(bf16="yes")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ssl.num_prototypes=0", "ssl.num_prototypes must lie in [1, 1048576], got 0"),
+        ("ssl.num_prototypes=1000000000", "ssl.num_prototypes must lie in [1, 1048576], got 1000000000"),
+        ("ssl.head_hidden_dim=100000", "ssl.head_hidden_dim must lie in [1, 65536], got 100000"),
+        ("ssl.head_layers=1000", "ssl.head_layers must lie in [1, 16], got 1000"),
+        ("ssl.head_bottleneck_dim=65536", "give a head layer of 4294967296 weights, more than 2147483648"),
+    ],
+)
+def test_ssl_head_sizes_are_bounded_before_any_head_is_built(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
 def test_a_warmup_longer_than_the_run_is_flagged_naming_both_keys():
     with pytest.warns(UserWarning, match=re.escape("optim.warmup_steps (100) is longer than the run (optim.steps = 50)")):
         load_config(None, ["optim.steps=50", "ssl.teacher_temperature_warmup_steps=10"])
