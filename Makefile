@@ -2,11 +2,16 @@
 #
 # `make test` is the one test command: from a fresh clone it creates $(VENV), installs torch and the
 # build tools, builds and installs mmv (the extension mmv._C with its CUDA kernels when nvcc is found)
-# with the test extras, builds and runs the C++ smoke test (CMake + ctest), then runs pytest.
+# with the test extras, builds and runs the C++ smoke test (CMake + ctest), builds the CUDA emulator
+# (the test-only extension mmv_emulated, in build/emulated), then runs pytest. The CUDA tests run on
+# the emulator as a modelled H100 and A100, and on a GPU when there is one; their large emulated cases
+# (marker slow_emulation) are left to `make test-emulated`.
 #
 #   make test       all of the above; steps that are up to date are skipped
 #   make build      the venv and the package only (rebuilt when csrc/, setup.py or pyproject.toml change)
 #   make cpp-test   the C++ library and its smoke test
+#   make emulator   the CUDA kernels built for the CPU emulator (rebuilt when csrc/ or tests/cuda/ change)
+#   make test-emulated  the CUDA tests and the emulator's own tests on the emulator, large cases included
 #   make bench      every benchmarks/bench_*.py
 #   make demo       phantoms -> pretraining -> linear probes (mmv demo; DEMO_ARGS, e.g. --out DIR)
 #   make clean      build outputs (the venv stays); `make distclean` removes the venv too
@@ -54,10 +59,18 @@ EXTENSION_INPUTS := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o
 	setup.py pyproject.toml cmake/cuda_home.py $(STAMPS)/build-config
 BUILD_CONFIG := MMV_CUDA=$(MMV_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
 
-.PHONY: test build cpp-test bench demo clean distclean FORCE
+.PHONY: test test-emulated emulator build cpp-test bench demo clean distclean FORCE
 
-test: build cpp-test
-	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+test: build cpp-test emulator
+	$(VENV_PYTHON) -m pytest -m "not slow_emulation" $(PYTEST_ARGS)
+
+test-emulated: build emulator
+	$(VENV_PYTHON) -m pytest tests/test_cuda_ops.py tests/test_cuda_emulator.py -m "not cuda" $(PYTEST_ARGS)
+
+# tests/emulated_cuda.py builds it (ninja, cached in build/emulated); the tests would otherwise build it
+# on first use.
+emulator: build
+	cd tests && $(abspath $(VENV_PYTHON)) -c "import emulated_cuda; emulated_cuda.supported() and emulated_cuda.load()"
 
 build: $(STAMPS)/build
 

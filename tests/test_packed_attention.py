@@ -109,8 +109,9 @@ def check_non_finite_against_reference(q, k, v, lengths, scale, seed, determinis
 
     cpu = [t.detach().cpu() for t in (q, k, v)]
     expected_out, expected_lse = reference_float64(*cpu, cu_seqlens, scale)
-    # Without the op's out: the correction of D by (out - exact) would be inf - inf where out is infinite.
-    expected_grads = reference_gradients_float64(grad_out.cpu(), *cpu, cu_seqlens, scale)
+    # With the op's out: D from the rounded out, as the kernels take it (the reference leaves out the
+    # elements where out or the exact output is not finite).
+    expected_grads = reference_gradients_float64(grad_out.cpu(), *cpu, cu_seqlens, scale, out.detach().cpu())
     tolerance = TOLERANCES[q.dtype]
     assert_same_non_finite(out.cpu(), expected_out, tolerance.forward, "out")
     lse_may_be_nan = expected_lse == float("inf")

@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "element_types.cuh"
+#include "launch.cuh"
 
 namespace mmv {
 namespace attention {

@@ -1,6 +1,7 @@
 // Tensor-core fragments for the attention kernels (sm80 and newer): which rows of a shared-memory
 // tile each lane hands to ldmatrix so that the registers come out as m16n8k16 operands, the reuse of
-// float32 accumulators as the next product's operand, and the asynchronous copy of a tile of rows.
+// float32 accumulators as the next product's operand, and the asynchronous copy of a tile of rows
+// and of a sequence's keys and values.
 //
 // Fragment layouts (PTX ISA, "mma.m16n8k16"): with g = lane / 4 and c = lane % 4,
 //   A (16 x 16, 4 registers of 2 elements): a0 = (g, 2c..2c+1), a1 = (g + 8, 2c..), a2 = (g, 2c + 8..),
@@ -93,6 +94,49 @@ __device__ __forceinline__ void load_rows_async(Element* tile, const Element* he
     cp_async_16(tile + r * kPitch + c * kElementsPerChunk, src, valid);
   }
 }
+
+// The keys and values of one (sequence, head) streamed through two shared-memory stages of kBlockN
+// rows each with cp.async, block j + 1 loading while block j is used:
+//   pipeline.load(0);          // block 0, committed as its own group
+//   for each block j:
+//     pipeline.wait_for(j);    // issues block j + 1, waits for block j, then a barrier
+//     ... read pipeline.k_tile(j), pipeline.v_tile(j) ...
+//     __syncthreads();         // before block j + 2 overwrites this stage
+template <int kBlockN, int kHeadDim, int kThreads, typename Element>
+struct KeyValuePipeline {
+  static constexpr int kStageElements = kBlockN * (kHeadDim + 8);
+  Element* k_tiles;  // two stages each
+  Element* v_tiles;
+  const Element* k_head;  // (token 0, this head)
+  const Element* v_head;
+  int64_t k_stride;  // token strides, in elements
+  int64_t v_stride;
+  int start;  // the sequence's rows [start, end)
+  int end;
+  int blocks;  // ceil((end - start) / kBlockN)
+  int tid;
+
+  __device__ __forceinline__ void load(int j) const {
+    const int stage = j & 1;
+    const int row0 = start + j * kBlockN;
+    load_rows_async<kBlockN, kHeadDim, kThreads>(k_tiles + stage * kStageElements, k_head, k_stride, row0, end, tid);
+    load_rows_async<kBlockN, kHeadDim, kThreads>(v_tiles + stage * kStageElements, v_head, v_stride, row0, end, tid);
+    cp_async_commit();
+  }
+
+  __device__ __forceinline__ void wait_for(int j) const {
+    if (j + 1 < blocks) {
+      load(j + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+  }
+
+  __device__ __forceinline__ const Element* k_tile(int j) const { return k_tiles + (j & 1) * kStageElements; }
+  __device__ __forceinline__ const Element* v_tile(int j) const { return v_tiles + (j & 1) * kStageElements; }
+};
 
 }  // namespace attention
 }  // namespace mmv

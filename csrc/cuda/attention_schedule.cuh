@@ -130,7 +130,7 @@ inline at::Tensor build_tile_schedule(const at::Tensor& cu_seqlens, int64_t num_
                                       int block_rows, cudaStream_t stream) {
   const int64_t batch = cu_seqlens.size(0) - 1;
   at::Tensor schedule = at::empty({2 * batch + 3}, cu_seqlens.options().dtype(at::kLong));
-  build_tile_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(
+  MMV_LAUNCH(1, kScheduleThreads, 0, stream, build_tile_schedule_kernel)(
       cu_seqlens.data_ptr<int32_t>(), static_cast<int>(batch), static_cast<int>(num_tokens),
       static_cast<int>(num_heads), block_rows, schedule.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

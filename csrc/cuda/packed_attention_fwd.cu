@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <math_constants.h>
@@ -98,10 +99,9 @@ __global__ void __launch_bounds__(128) forward_mma_kernel(ForwardParams p) {
 
     load_rows_async<kBlockM, kHeadDim, kThreads>(q_tile, q_head, p.q.stride_token, q_row0, end, tid);
     cp_async_commit();
-    load_rows_async<kBlockN, kHeadDim, kThreads>(k_tiles, k_head, p.k.stride_token, start, end, tid);
-    load_rows_async<kBlockN, kHeadDim, kThreads>(v_tiles, v_head, p.v.stride_token, start, end, tid);
-    cp_async_commit();
-
+    const KeyValuePipeline<kBlockN, kHeadDim, kThreads, Element> kv{
+        k_tiles, v_tiles, k_head, v_head, p.k.stride_token, p.v.stride_token, start, end, key_blocks, tid};
+    kv.load(0);
 
     float o[kRowBlocks][kOutTiles][4];
     float row_max[kRowBlocks][2];
@@ -121,23 +121,9 @@ __global__ void __launch_bounds__(128) forward_mma_kernel(ForwardParams p) {
     }
 
     for (int j = 0; j < key_blocks; ++j) {
-      const int stage = j & 1;
-      if (j + 1 < key_blocks) {
-        const int next_row0 = start + (j + 1) * kBlockN;
-        const int next_stage = stage ^ 1;
-        load_rows_async<kBlockN, kHeadDim, kThreads>(k_tiles + next_stage * Shape::kKVElements, k_head,
-                                                     p.k.stride_token, next_row0, end, tid);
-        load_rows_async<kBlockN, kHeadDim, kThreads>(v_tiles + next_stage * Shape::kKVElements, v_head,
-                                                     p.v.stride_token, next_row0, end, tid);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
-
-      const Element* k_tile = k_tiles + stage * Shape::kKVElements;
-      const Element* v_tile = v_tiles + stage * Shape::kKVElements;
+      kv.wait_for(j);
+      const Element* k_tile = kv.k_tile(j);
+      const Element* v_tile = kv.v_tile(j);
 
       // S = Q K^T for this warp's rows and the 64 keys of the step.
       float s[kRowBlocks][kKeyTiles][4];
@@ -268,7 +254,7 @@ bool try_forward_mma(ForwardParams p, const at::Tensor& q, const at::Tensor& k, 
                      const at::Tensor& cu_seqlens, cudaStream_t stream) {
   using Shape = ForwardMmaShape<Element, kHeadDim>;
   const void* kernel = reinterpret_cast<const void*>(forward_mma_kernel<Element, kHeadDim>);
-  const int device = q.get_device();
+  const int device = c10::cuda::current_device();  // q's, set by the CUDAGuard of the op
   const DeviceLimits limits = device_limits(device);
   if (limits.compute_major < 8 || limits.shared_memory_per_block_optin < Shape::kSharedBytes) return false;
   const KernelFit fit = kernel_fit(kernel, Shape::kThreads, Shape::kSharedBytes, device);
@@ -286,8 +272,8 @@ bool try_forward_mma(ForwardParams p, const at::Tensor& q, const at::Tensor& k, 
   const int64_t blocks = std::max<int64_t>(
       1, std::min<int64_t>(int64_t{limits.multiprocessors} * fit.blocks_per_multiprocessor,
                            max_tiles(p.num_tokens, p.batch, p.num_heads, Shape::kBlockM)));
-  forward_mma_kernel<Element, kHeadDim>
-      <<<static_cast<unsigned>(blocks), Shape::kThreads, Shape::kSharedBytes, stream>>>(p);
+  MMV_LAUNCH(static_cast<unsigned>(blocks), Shape::kThreads, Shape::kSharedBytes, stream,
+             forward_mma_kernel<Element, kHeadDim>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -381,7 +367,7 @@ void launch_forward_simt(const ForwardParams& p, cudaStream_t stream) {
   const int64_t blocks = (warps * 32 + kSimtThreads - 1) / kSimtThreads;
   TORCH_CHECK_VALUE(blocks <= 0x7fffffff, "packed_attention_fwd: too many (token, head) rows for one launch: ",
                     warps);
-  forward_simt_kernel<scalar_t><<<static_cast<unsigned>(blocks), kSimtThreads, 0, stream>>>(p);
+  MMV_LAUNCH(static_cast<unsigned>(blocks), kSimtThreads, 0, stream, forward_simt_kernel<scalar_t>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

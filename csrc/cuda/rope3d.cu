@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "element_types.cuh"
+#include "launch.cuh"
 
 namespace mmv {
 namespace {
@@ -151,9 +152,9 @@ void launch(const at::Tensor& x, at::Tensor& out, const RopeArgs& args, bool int
   const auto* in_ptr = reinterpret_cast<const scalar_t*>(x.data_ptr());
   auto* out_ptr = reinterpret_cast<scalar_t*>(out.data_ptr());
   if (interleaved) {
-    rope3d_kernel<scalar_t, kVec, true><<<grid, kThreads, 0, stream>>>(in_ptr, out_ptr, args);
+    MMV_LAUNCH(grid, kThreads, 0, stream, rope3d_kernel<scalar_t, kVec, true>)(in_ptr, out_ptr, args);
   } else {
-    rope3d_kernel<scalar_t, kVec, false><<<grid, kThreads, 0, stream>>>(in_ptr, out_ptr, args);
+    MMV_LAUNCH(grid, kThreads, 0, stream, rope3d_kernel<scalar_t, kVec, false>)(in_ptr, out_ptr, args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

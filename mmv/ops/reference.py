@@ -111,7 +111,11 @@ def packed_attention_bwd(
         exact, lse = packed_attention_fwd(*leaves, cu_seqlens, scale)
         objective = (exact * dout.to(exact.dtype)).sum()
         if out is not None:
-            delta = ((out.detach().to(exact.dtype) - exact.detach()) * dout.to(exact.dtype)).sum(-1)  # (T, H)
+            shift = out.detach().to(exact.dtype) - exact.detach()
+            # Where either is NaN or infinite there is no rounding to follow (inf - inf is NaN): those
+            # rows' gradients are compared by where they are non-finite, not by value.
+            shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
+            delta = (shift * dout.to(exact.dtype)).sum(-1)  # (T, H)
             objective = objective - (delta.T * lse.to(exact.dtype)).sum()
         grads = torch.autograd.grad(objective, leaves, allow_unused=True)
     return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads))

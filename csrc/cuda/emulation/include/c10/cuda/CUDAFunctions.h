@@ -1,0 +1,4 @@
+// Stands in for c10/cuda/CUDAFunctions.h in the CPU emulation of the kernels.
+#pragma once
+
+#include "../../../cuda_emulation.h"

@@ -1,0 +1,2 @@
+// The op schemas of csrc/ops.cpp, registered for the CUDA emulator under mmv_emulated.
+#include "../../ops.cpp"
