@@ -218,24 +218,33 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def _library_states(state: dict[str, Any]) -> tuple[tuple, tuple, torch.Tensor]:
+    """The Python, NumPy and torch CPU states of a :func:`capture_rng_state` dict, in each library's form."""
+    version, internal, gauss = state["python"]
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    return (
+        (version, tuple(internal), gauss),
+        (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached),
+        state["torch"],
+    )
+
+
 def check_rng_state(state: dict[str, Any]) -> None:
     """Raise (KeyError, TypeError, ValueError, ...) unless :func:`restore_rng_state` can restore ``state``;
     tried on scratch generators, so the global ones are untouched."""
-    version, internal, gauss = state["python"]
-    random.Random().setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.RandomState().set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.Generator().set_state(state["torch"])
+    python_state, numpy_state, torch_state = _library_states(state)
+    random.Random().setstate(python_state)
+    np.random.RandomState().set_state(numpy_state)
+    torch.Generator().set_state(torch_state)
     if "cuda" in state and not all(isinstance(s, torch.Tensor) for s in state["cuda"]):
         raise TypeError("the CUDA generator states must be tensors")
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators saved by :func:`capture_rng_state`."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    python_state, numpy_state, torch_state = _library_states(state)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
