@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from mmv.image import Image, is_meta_tensor
+from mmv.orientation import signed_permutation
 
 __all__ = ["is_meta_tensor", "image_from_meta_tensor"]
 
-# An affine whose direction is this close to a signed permutation is treated as one (cosines stored with
-# ~6 decimals); anything further from one is oblique and needs resampling, which is not done here.
-_PERMUTATION_TOLERANCE = 1e-4
 # RAS and LPS differ in the sign of their first two world axes.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -75,15 +73,13 @@ def image_from_meta_tensor(tensor: torch.Tensor, name: str = "image") -> Image:
     direction = columns / spacing
     if space != "LPS":
         direction = _RAS_TO_LPS @ direction
-    source_axis = np.argmax(np.abs(direction), axis=1)  # the index axis running along L, P and S
-    signs = np.sign(direction[np.arange(3), source_axis])
-    permutation = np.zeros((3, 3))
-    permutation[np.arange(3), source_axis] = signs
-    if len(set(source_axis.tolist())) != 3 or np.abs(direction - permutation).max() > _PERMUTATION_TOLERANCE:
+    permutation = signed_permutation(direction)  # the index axis running along L, P and S, and its sign
+    if permutation is None:
         raise ValueError(
             f"{name}: MetaTensor has an oblique orientation (affine {np.round(affine, 4).tolist()}); read the "
             f"file with mmv.data.read_image, which resamples it to LPS"
         )
+    source_axis, signs = permutation
     # Output axes (z, y, x) = physical axes (S, P, L); flip those whose index axis runs the other way.
     pixels = pixels.permute(*(int(source_axis[axis]) for axis in (2, 1, 0)))
     flips = [2 - axis for axis in range(3) if signs[axis] < 0]

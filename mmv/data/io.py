@@ -40,6 +40,7 @@ from mmv.data.dicom_header import (
     read_dicom_header,
 )
 from mmv.image import Image
+from mmv.orientation import PERMUTATION_TOLERANCE, signed_permutation
 
 __all__ = [
     "SPACING_RANGE_MM",
@@ -85,9 +86,6 @@ _ORTHONORMAL_TOLERANCE = 1e-3
 _GREY_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR_PHOTOMETRIC = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 
-# A direction matrix closer than this to a signed permutation is treated as one: DICOM stores
-# orientation cosines with ~6 decimals, and 1e-4 rad moves a voxel 200 mm away by 0.02 mm.
-_PERMUTATION_TOLERANCE = 1e-4
 # Relative tolerance on slice-to-slice distance and in-plane offsets within a DICOM series.
 _SERIES_SPACING_TOLERANCE = 0.01
 # Voxels of an oblique volume resampled per grid_sample call, to bound the memory of the sample grid.
@@ -424,7 +422,7 @@ def _check_geometry(path: Path, geometry: _Geometry, oriented: bool) -> None:
     finite and the direction orthonormal."""
     low, high = SPACING_RANGE_MM
     spacing = geometry.spacing
-    if not np.all(np.isfinite(spacing)) or np.any(spacing < low) or np.any(spacing > high):
+    if not _plausible_spacing(tuple(float(value) for value in spacing), len(spacing)):
         raise ImageReadError(
             path, f"implausible voxel spacing {_zyx(spacing)} mm; accepted: {low:g} to {high:g} mm per axis"
         )
@@ -723,19 +721,6 @@ def _gzip_uncompressed_size(path: Path, expected: int) -> int:
     return total
 
 
-def _signed_permutation(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """For a direction matrix that is a signed permutation: (index axis along each physical axis, sign)."""
-    source_axis = np.argmax(np.abs(direction), axis=1)
-    if len(set(source_axis.tolist())) != direction.shape[0]:
-        return None
-    signs = np.sign(direction[np.arange(direction.shape[0]), source_axis])
-    permutation = np.zeros_like(direction)
-    permutation[np.arange(direction.shape[0]), source_axis] = signs
-    if np.max(np.abs(direction - permutation)) > _PERMUTATION_TOLERANCE:
-        return None
-    return source_axis, signs
-
-
 def _oblique_grid(path: Path, geometry: _Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Identity-direction grid covering an oblique volume: (origin, spacing, size), all in ITK (x, y, z) order."""
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in geometry.size], indexing="ij")).reshape(3, -1)
@@ -755,7 +740,7 @@ def _oblique_grid(path: Path, geometry: _Geometry) -> tuple[np.ndarray, np.ndarr
 
 
 def _canonical_grid(path: Path, geometry: _Geometry) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    permutation = _signed_permutation(geometry.direction)
+    permutation = signed_permutation(geometry.direction)
     if permutation is not None:
         source_axis, _ = permutation
         return tuple(int(n) for n in geometry.size[source_axis][::-1]), _zyx(geometry.spacing[source_axis])
@@ -765,7 +750,7 @@ def _canonical_grid(path: Path, geometry: _Geometry) -> tuple[tuple[int, ...], t
 
 def _to_canonical(path: Path, voxels: np.ndarray, geometry: _Geometry) -> tuple[np.ndarray, tuple[float, ...]]:
     """Reorient a (z, y, x) array to the identity direction: exact for signed permutations, resampled otherwise."""
-    permutation = _signed_permutation(geometry.direction)
+    permutation = signed_permutation(geometry.direction)
     if permutation is not None:
         source_axis, signs = permutation
         # NumPy axis of ITK index axis i is 2 - i; new NumPy axis (2 - a) holds physical axis a.
@@ -895,7 +880,7 @@ def _read_dicom_series(directory: Path, series_uid: str | None, with_pixels: boo
             raise ImageReadError(directory, f"slices of different sizes in series {series_uid}")
         if not np.allclose(other.geometry.spacing[:2], first.geometry.spacing[:2], rtol=1e-4, atol=1e-6):
             raise ImageReadError(directory, f"slices with different pixel spacing in series {series_uid}")
-        if np.max(np.abs(other.geometry.direction - first.geometry.direction)) > _PERMUTATION_TOLERANCE:
+        if np.max(np.abs(other.geometry.direction - first.geometry.direction)) > PERMUTATION_TOLERANCE:
             raise ImageReadError(directory, f"slices with different orientations in series {series_uid}")
 
     normal = first.geometry.direction[:, 2]
