@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_phantom_manifest(scratch, args.phantoms, images)
         pretrain_row, encoder_dir = check_pretrain(device, manifest, scratch / "run", args.steps)
         rows.append(pretrain_row)
-        if pretrain_row["ok"] or encoder_dir.is_dir():
+        if encoder_dir.is_dir():  # saved once every step has run
             rows.append(check_embed(device, encoder_dir, manifest, scratch / "features"))
 
     print(f"end-to-end on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
