@@ -31,8 +31,9 @@ from mmv.model.checkpoint import (
 )
 from mmv.model.config import EncoderConfig
 from mmv.model.layers import Block, LayerScale, PackedContext, PatchEmbed
+from mmv.model.stream import PrefixLayout, inverse_permutation, permute_rows, prefix_layout
 from mmv.ops import rope_freqs
-from mmv.packing import PackedBatch, PrefixLayout, inverse_permutation, pack, permute_rows, prefix_layout, unpack
+from mmv.packing import PackedBatch, pack, unpack
 from mmv.tokenizer import Tokenizer, as_image
 
 __all__ = ["Encoder", "EncoderOutput", "MissingPreprocessWarning", "PREPROCESS_KEY"]
