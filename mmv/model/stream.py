@@ -1,8 +1,9 @@
-"""Where the rows of the encoder's packed token stream go: prefix tokens, and permutations of rows.
+"""The encoder's packed token stream: what goes in, and where its rows go.
 
-The encoder opens every image's sequence with its prefix tokens (CLS, registers) and moves whole
-streams of rows at once; the arithmetic here is tensor-only and of static shape, so it compiles with
-symbolic sizes.
+:class:`PatchStream` is a :class:`~mmv.packing.PackedBatch` as the encoder computes with it. The encoder
+opens every image's sequence with its prefix tokens (CLS, registers, :func:`prefix_layout`) and moves
+whole streams of rows at once (:func:`permute_rows`); the arithmetic here is tensor-only and of static
+shape, so it compiles with symbolic sizes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,35 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PrefixLayout", "prefix_layout", "inverse_permutation", "permute_rows"]
+__all__ = ["PatchStream", "PrefixLayout", "prefix_layout", "inverse_permutation", "permute_rows"]
+
+
+class PatchStream(NamedTuple):
+    """The patch tokens of a :class:`~mmv.packing.PackedBatch`, as the encoder's forward pass takes them.
+
+    Only tensors and plain numbers: the batch's per-image Python tuples (grid shapes, modalities) stay
+    out, so that ``torch.compile`` has none to guard on and keeps the number of images and tokens
+    symbolic instead of compiling again for every batch.
+
+    Attributes:
+        patches_2d: float32 ``(N2, py * px)``, the 2D patches; ``rows_2d`` int64 ``(N2,)`` their stream rows.
+        patches_3d: float32 ``(N3, pz * py * px)``, the 3D patches; ``rows_3d`` int64 ``(N3,)`` their rows.
+        coords_mm: float32 ``(T, 3)``, each token's (z, y, x) position in mm.
+        cu_seqlens: int32 ``(B + 1,)``: image b owns stream rows ``cu_seqlens[b]:cu_seqlens[b + 1]``.
+        max_seqlen: an upper bound on every image's token count.
+        validate: whether ``packed_attention`` must check ``cu_seqlens`` (False for a validated batch).
+        token_mask: bool ``(T,)`` or None: True where the mask token replaces a patch embedding.
+    """
+
+    patches_2d: torch.Tensor
+    patches_3d: torch.Tensor
+    rows_2d: torch.Tensor
+    rows_3d: torch.Tensor
+    coords_mm: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    validate: bool
+    token_mask: torch.Tensor | None
 
 
 class PrefixLayout(NamedTuple):
