@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers.training import SyntheticImages, tiny_config
 
 from mmv.data import ModalityPreprocess
 from mmv.data.datasets import CHEXPERT_LABELS
@@ -25,8 +26,6 @@ from mmv.eval.embed import (
 from mmv.eval.features import FeatureTableError, read_feature_table
 from mmv.model import CheckpointError, Encoder, EncoderConfig, MissingPreprocessWarning
 from mmv.train import Trainer
-
-from train_helpers import SyntheticImages, tiny_config
 
 # Phantoms at their coarsest: a CT of 20 x 22 x 22 voxels (45 tokens) and a radiograph of 40 x 44
 # pixels (30 tokens) each; preprocessing at the same spacings leaves their sizes as they are.

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import SyntheticImages, tiny_config
 
 from mmv import files
 from mmv.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
@@ -24,8 +25,6 @@ from mmv.model.encoder import Encoder
 from mmv.pretrain_data import modality_preprocess
 from mmv.train import Trainer
 from mmv.train_config import ModelConfig, OptimConfig, PretrainConfig, RunSettings, apply_overrides, load_config
-
-from train_helpers import SyntheticImages, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -353,7 +352,7 @@ def test_checkpoints_are_fsynced_and_so_is_their_directory_after_the_rename(tmp_
 
 KILLED_WORKER = """
 import sys
-from train_helpers import SyntheticImages, tiny_config
+from helpers.training import SyntheticImages, tiny_config
 from mmv.train import Trainer
 
 Trainer(tiny_config(sys.argv[1], steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages()).train()
