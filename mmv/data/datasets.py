@@ -139,8 +139,9 @@ class ImageRecord:
         spacing: spacing in mm (z, y, x) to use when the file itself carries none.
         split: the data set's split the image belongs to, in the data set's own words (MIMIC-CXR's
             ``validate``, a manifest's ``split`` cell); blank when unknown.
-        group: what ties the image to others of the same patient (or phantom): the patient's folder in the
-            named data sets' layouts, a manifest's ``group`` cell; blank when unknown. Kept in memory only.
+        group: what ties the image to others of the same patient (or phantom): a manifest's ``group`` cell;
+            the patient's folder in the named data sets' layouts (which :func:`mmv.data.open_dataset`
+            replaces by a number, so that it is never written); blank when unknown.
     """
 
     path: Path
@@ -169,6 +170,9 @@ class LabelledImageDataset(torch.utils.data.Dataset):
             (use a frozen dataclass or another transform whose repr names all its parameters).
         on_error: ``"raise"`` or ``"skip"`` (yield None for unreadable files).
     """
+
+    # What two data sets must share to be concatenated.
+    _shared_settings: tuple[str, ...] = ("label_names", "transform", "cache", "on_error")
 
     def __init__(
         self,
@@ -257,9 +261,6 @@ class LabelledImageDataset(torch.utils.data.Dataset):
             ValueError: a new record with another number of labels.
         """
         return self._with_records([function(record) for record in self.records])
-
-    # What two data sets must share to be concatenated.
-    _shared_settings: tuple[str, ...] = ("label_names", "transform", "cache", "on_error")
 
     def _checked(self, records: Iterable[ImageRecord]) -> list[ImageRecord]:
         records = list(records)
