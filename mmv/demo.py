@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
 from mmv.eval.probe import evaluate_probe, fit_linear_probe, paired_macro_auroc_difference
 from mmv.model.encoder import Encoder
@@ -39,7 +40,7 @@ from mmv.train_config import PretrainConfig, apply_overrides
 
 __all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features"]
 
-MODALITIES = {"xray": "DX", "ct": "CT"}
+MODALITIES = {"xray": XRAY_MODALITY, "ct": CT_MODALITY}
 # Bootstrap replicates behind every interval the demo reports.
 _BOOTSTRAP_RESAMPLES = 1000
 
@@ -200,13 +201,6 @@ def extract_features(
     return {name: np.concatenate(chunks) for name, chunks in features.items()}, indices
 
 
-def _split_rows(manifest: Path) -> dict[str, str]:
-    import csv
-
-    with open(manifest, newline="", encoding="utf-8") as stream:
-        return {row["id"]: row["split"] for row in csv.DictReader(stream)}
-
-
 def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: int) -> tuple[dict[str, Any], Any]:
     """The probe's figures on the test split, and its :class:`mmv.eval.probe.ProbeEvaluation`."""
     rows = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
@@ -326,7 +320,6 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     mark = time.perf_counter()
     # The probes see the images as pretraining did.
     dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
-    split_of = _split_rows(manifest)
     detail: dict[str, dict[str, Any]] = {}
     difference: dict[str, dict[str, Any]] = {}
     features, indices = extract_features({"ssl": pretrained_encoder, "random": random_encoder}, dataset, progress=progress)
@@ -337,7 +330,7 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
         detail[modality], evaluations = {}, {}
         rows = np.array([record.modality == tag for record in records])
         labels = np.array([record.labels for record in records], dtype=np.float64)[rows]
-        splits = np.array([split_of[record.id] for record in records], dtype=object)[rows]
+        splits = np.array([record.split for record in records], dtype=object)[rows]
         for name, encoder_features in features.items():
             detail[modality][name], evaluations[name] = _probe(encoder_features[rows], labels, splits, settings.seed)
         difference[modality] = paired_macro_auroc_difference(

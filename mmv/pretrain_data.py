@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 from mmv.data.cache import PreprocessCache
-from mmv.data.datasets import CheXpert, CtRate, Manifest, MimicCxr, MixedDataset
+from mmv.data.dataset_spec import DatasetSpec, open_dataset
+from mmv.data.datasets import MixedDataset
 from mmv.data.preprocess import CtPreprocess, ModalityPreprocess, XrayPreprocess
 from mmv.train_config import DataConfig
 
-__all__ = ["ModalityPreprocess", "modality_preprocess", "build_pretraining_sources", "SOURCE_KINDS"]
+__all__ = ["ModalityPreprocess", "modality_preprocess", "build_pretraining_sources"]
 
-SOURCE_KINDS = ("manifest", "mimic", "chexpert", "ctrate")
+# The keys of a data.sources entry.
+_SOURCE_KEYS = ("kind", "path", "weight", "split", "id_column")
+# The split a named data set (not a manifest) contributes when its entry names none.
+_DEFAULT_NAMED_SPLIT = "train"
 
 
 def modality_preprocess(config: DataConfig) -> ModalityPreprocess:
@@ -28,35 +29,22 @@ def modality_preprocess(config: DataConfig) -> ModalityPreprocess:
     )
 
 
-def _manifest_rows_in_split(path: Path, split: str, id_column: str) -> set[str]:
-    with open(path, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
-    if rows and "split" not in rows[0]:
-        raise ValueError(f"{path}: a source with split={split!r} needs a 'split' column")
-    return {row[id_column] for row in rows if row["split"].strip().lower() == split}
-
-
-def _build_source(spec: dict, transform, cache):
-    if not isinstance(spec, dict) or "kind" not in spec or "path" not in spec:
-        raise ValueError(f"data.sources entries must be tables with 'kind' and 'path', got {spec!r}")
-    unknown = sorted(set(spec) - {"kind", "path", "weight", "split", "id_column"})
+def _source_spec(entry: dict) -> DatasetSpec:
+    """The data set of one ``data.sources`` entry: a manifest's rows of its ``split`` (all without one), a
+    named data set's ``split`` (``train`` without one); no labels, since pretraining uses none."""
+    if not isinstance(entry, dict) or "kind" not in entry or "path" not in entry:
+        raise ValueError(f"data.sources entries must be tables with 'kind' and 'path', got {entry!r}")
+    unknown = sorted(set(entry) - set(_SOURCE_KEYS))
     if unknown:
-        raise ValueError(f"data.sources entry {spec!r} has unknown key(s) {unknown}")
-    kind, path, split = spec["kind"], Path(spec["path"]), spec.get("split")
-    if kind == "manifest":
-        id_column = spec.get("id_column")
-        dataset = Manifest(path, label_columns=(), id_column=id_column, transform=transform, cache=cache, on_error="skip")
-        if split is not None:
-            keep = _manifest_rows_in_split(path, str(split).lower(), dataset.id_column)
-            dataset.records = [record for record in dataset.records if record.id in keep]
-        return dataset
-    if kind == "mimic":
-        return MimicCxr(path, split=split or "train", transform=transform, cache=cache, on_error="skip")
-    if kind == "chexpert":
-        return CheXpert(path, csv=f"{split or 'train'}.csv", transform=transform, cache=cache, on_error="skip")
-    if kind == "ctrate":
-        return CtRate(path, split=split or "train", transform=transform, cache=cache, on_error="skip")
-    raise ValueError(f"data.sources kind must be one of {SOURCE_KINDS}, got {kind!r}")
+        raise ValueError(f"data.sources entry {entry!r} has unknown key(s) {unknown}")
+    kind, split = entry["kind"], entry.get("split")
+    if split is None and kind != "manifest":
+        split = _DEFAULT_NAMED_SPLIT
+    labels = {"label_columns": ()} if kind == "manifest" else {}
+    try:
+        return DatasetSpec(kind, entry["path"], splits=split, id_column=entry.get("id_column"), **labels)
+    except ValueError as error:
+        raise ValueError(f"data.sources entry {entry!r}: {error}") from None
 
 
 def build_pretraining_sources(config: DataConfig) -> MixedDataset:
@@ -68,9 +56,7 @@ def build_pretraining_sources(config: DataConfig) -> MixedDataset:
         raise ValueError("data.sources must list at least one source (kind and path)")
     transform = modality_preprocess(config)
     cache = PreprocessCache(config.cache_dir) if config.cache_dir else None
-    sources = [_build_source(spec, transform, cache) for spec in config.sources]
-    for spec, source in zip(config.sources, sources):
-        if len(source) == 0:
-            raise ValueError(f"data source {spec!r} holds no images")
-    weights = [float(spec.get("weight", len(source))) for spec, source in zip(config.sources, sources)]
+    specs = [_source_spec(entry) for entry in config.sources]
+    sources = [open_dataset(spec, transform, cache, on_error="skip") for spec in specs]
+    weights = [float(entry.get("weight", len(source))) for entry, source in zip(config.sources, sources)]
     return MixedDataset(sources, weights)

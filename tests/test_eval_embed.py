@@ -10,17 +10,16 @@ import torch
 from helpers.training import SyntheticImages, tiny_config
 
 from mmv.data import ModalityPreprocess
+from mmv.data.dataset_spec import DatasetSpec, open_dataset
 from mmv.data.datasets import CHEXPERT_LABELS
 from mmv.data.io import ImageReadError
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
 from mmv.eval.embed import (
     RUN_FILE,
-    DatasetSpec,
     add_embed_arguments,
     embed_preprocess,
     load_encoder,
     main_embed,
-    open_dataset,
     run_embed,
 )
 from mmv.eval.features import FeatureTableError, read_feature_table
@@ -91,10 +90,10 @@ def test_packed_features_equal_those_of_each_image_encoded_alone(manifest, tmp_p
     embed(encoder, manifest, tmp_path / "features", max_tokens=90)
     cls = read_feature_table(tmp_path / "features", "cls")
     pooled = read_feature_table(tmp_path / "features", "patch_mean")
-    opened = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
+    dataset = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
     with torch.no_grad():
-        for row in range(len(opened.dataset)):
-            out = encoder([opened.dataset[row].image])
+        for row in range(len(dataset)):
+            out = encoder([dataset[row].image])
             np.testing.assert_allclose(cls.features[row], out.cls[0].numpy(), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(pooled.features[row], out.pooled[0].numpy(), rtol=1e-5, atol=1e-6)
 
@@ -171,10 +170,9 @@ def test_unreadable_image_is_left_out_with_skip_and_stops_the_run_otherwise(mani
 
 def test_manifest_split_selects_rows(manifest, manifest_rows):
     split = manifest_rows[0]["split"]
-    opened = open_dataset(DatasetSpec("manifest", manifest, splits=(split,)))
-    index = opened.index()
-    assert index.ids == tuple(row["id"] for row in manifest_rows if row["split"] == split)
-    assert set(index.splits) == {split}
+    records = open_dataset(DatasetSpec("manifest", manifest, splits=(split,))).records
+    assert [record.id for record in records] == [row["id"] for row in manifest_rows if row["split"] == split]
+    assert {record.split for record in records} == {split}
     with pytest.raises(ValueError, match="no rows with split"):
         open_dataset(DatasetSpec("manifest", manifest, splits=("nonexistent",)))
 
@@ -280,21 +278,22 @@ def write_chexpert_tables(root):
 
 def test_named_data_set_embeds_every_split_with_patient_groups(tmp_path):
     write_chexpert_tables(tmp_path)
-    index = open_dataset(DatasetSpec("chexpert", tmp_path)).index()
+    dataset = open_dataset(DatasetSpec("chexpert", tmp_path))
+    records = dataset.records
 
-    assert [row_id.split("/", 2)[2] for row_id in index.ids] == [
+    assert [record.id.split("/", 2)[2] for record in records] == [
         "patient00007/study1/view1_frontal.jpg",
         "patient00007/study2/view1_frontal.jpg",
         "patient00003/study1/view1_frontal.jpg",
         "patient64541/study1/view1_frontal.jpg",
     ]
-    assert index.splits == ("train", "train", "train", "val")
+    assert [record.split for record in records] == ["train", "train", "train", "val"]
     # Patients are numbered within the table; their own numbers are not stored.
-    assert index.groups == ("patient_000001", "patient_000001", "patient_000002", "patient_000003")
-    column = index.label_names.index("Cardiomegaly")
+    assert [record.group for record in records] == ["patient_000001", "patient_000001", "patient_000002", "patient_000003"]
+    column = dataset.label_names.index("Cardiomegaly")
     # Uncertain (-1) and blank cells are unknown.
-    np.testing.assert_array_equal(index.labels[:, column], [np.nan, np.nan, 0.0, 1.0])
-    assert open_dataset(DatasetSpec("chexpert", tmp_path, splits="valid")).index().splits == ("val",)
+    np.testing.assert_array_equal([record.labels[column] for record in records], [np.nan, np.nan, 0.0, 1.0])
+    assert [record.split for record in open_dataset(DatasetSpec("chexpert", tmp_path, splits="valid")).records] == ["val"]
 
 
 def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):

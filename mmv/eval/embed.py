@@ -12,13 +12,12 @@ Checkpoints
     teacher's encoder, which is what the run saves when it finishes), a pretraining run directory (its
     ``encoder`` when the run has finished, else its latest checkpoint), or an :class:`mmv.Encoder`.
 
-Data sets (:class:`DatasetSpec`)
-    ``manifest`` (any CSV manifest, :class:`mmv.data.Manifest`; its ``split`` and ``group`` columns, when
-    present, fill the index's), ``mimic`` (MIMIC-CXR-JPG), ``chexpert`` and ``ctrate`` (CT-RATE). The named
-    data sets embed every split by default, since their probe protocols take train, validation and test
-    rows from one table; their index groups number the patients of the table in order of appearance
-    (``patient_000001``, ...), so that rows of one patient stay together without storing any patient
-    number.
+Data sets (:class:`mmv.data.DatasetSpec`)
+    ``manifest`` (any CSV manifest), ``mimic`` (MIMIC-CXR-JPG), ``chexpert`` and ``ctrate`` (CT-RATE),
+    opened by :func:`mmv.data.open_dataset`: each record's split and group (a manifest's ``split`` and
+    ``group`` cells; for the named data sets, train / val / test and patients numbered in order of
+    appearance, without any patient number) fill the index's. The named data sets embed every split by
+    default, since their probe protocols take train, validation and test rows from one table.
 
 Preprocessing
     CT is windowed and resampled, X-rays resized and normalised (:class:`mmv.data.ModalityPreprocess`) as
@@ -40,7 +39,6 @@ Resuming
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -62,10 +60,10 @@ from tqdm.auto import tqdm
 from mmv.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
-from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
+from mmv.data.dataset_spec import DATASET_KINDS, DatasetSpec, open_dataset
+from mmv.data.datasets import LabelledImageDataset
 from mmv.data.io import ImageReadError
 from mmv.data.sampler import TokenBudgetBatchSampler, check_positive_int
-from mmv.data.tables import read_table
 from mmv.eval.features import (
     INDEX_COLUMNS,
     FeatureIndex,
@@ -83,21 +81,16 @@ from mmv.train_config import PretrainConfig
 
 __all__ = [
     "ARRAY_NAMES",
-    "DATASET_KINDS",
     "RUN_FILE",
-    "DatasetSpec",
-    "EmbedDataset",
     "EmbedRun",
     "LoadedEncoder",
     "add_embed_arguments",
     "embed_preprocess",
     "load_encoder",
     "main_embed",
-    "open_dataset",
     "run_embed",
 ]
 
-DATASET_KINDS = ("manifest", "mimic", "chexpert", "ctrate")
 ARRAY_NAMES = ("cls", "patch_mean")
 RUN_FILE = "embed.json"
 PARTIAL_DIR = "partial"
@@ -106,12 +99,6 @@ RUN_VERSION = 1
 # Where the trainer keeps the EMA teacher's encoder inside a training checkpoint.
 TEACHER_ENCODER_PREFIX = "module.encoder."
 
-# Each named data set's splits, and the name the feature index gives them.
-_NAMED_SPLITS = {
-    "mimic": {"train": "train", "validate": "val", "test": "test"},
-    "chexpert": {"train": "train", "valid": "val"},
-    "ctrate": {"train": "train", "valid": "val"},
-}
 # What each setting that must not change within a feature table is called in messages.
 _SETTING_NAMES = {
     "weights_sha256": "weights",
@@ -127,161 +114,22 @@ _COPY_ROWS = 65536
 # Data sets
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Which images to embed.
-
-    Attributes:
-        kind: ``manifest``, ``mimic``, ``chexpert`` or ``ctrate``.
-        path: the manifest CSV, or the data set's root directory.
-        splits: the splits to embed; None embeds all of them. ``mimic``: train, validate, test;
-            ``chexpert``: train, valid (``train.csv`` / ``valid.csv``); ``ctrate``: train, valid;
-            ``manifest``: values of its ``split`` column.
-        fixed: CT-RATE only: read the header-fixed copies (``train_fixed/``, ``valid_fixed/``).
-        id_column: manifest only: the column of sample ids; None uses ``id`` when the manifest has it,
-            else the path as written.
-        label_columns: manifest only: the label columns; None takes every column that is not the path,
-            modality, id, split or group.
-    """
-
-    kind: str
-    path: str | os.PathLike
-    splits: tuple[str, ...] | None = None
-    fixed: bool = False
-    id_column: str | None = None
-    label_columns: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in DATASET_KINDS:
-            raise ValueError(f"DatasetSpec: kind must be one of {DATASET_KINDS}, got {self.kind!r}")
-        object.__setattr__(self, "path", Path(self.path))
-        if self.splits is not None:
-            splits = (self.splits,) if isinstance(self.splits, str) else tuple(self.splits)
-            if not splits or not all(isinstance(split, str) and split for split in splits):
-                raise ValueError(f"DatasetSpec: splits must be None or non-empty split names, got {self.splits!r}")
-            if self.kind in _NAMED_SPLITS:
-                unknown = [split for split in splits if split not in _NAMED_SPLITS[self.kind]]
-                if unknown:
-                    raise ValueError(
-                        f"DatasetSpec: splits of {self.kind} must be among {tuple(_NAMED_SPLITS[self.kind])}, "
-                        f"got {unknown}"
-                    )
-            object.__setattr__(self, "splits", tuple(dict.fromkeys(splits)))
-        if self.fixed and self.kind != "ctrate":
-            raise ValueError(f"DatasetSpec: fixed applies to ctrate only, not {self.kind}")
-        if self.kind != "manifest" and (self.id_column is not None or self.label_columns is not None):
-            raise ValueError(f"DatasetSpec: id_column and label_columns apply to manifest only, not {self.kind}")
-        if self.label_columns is not None:
-            object.__setattr__(self, "label_columns", tuple(self.label_columns))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready description (for ``embed.json``)."""
-        values = dataclasses.asdict(self)
-        values["path"] = str(self.path)
-        return values
-
-
-@dataclass(frozen=True, eq=False)
-class EmbedDataset:
-    """A data set opened for embedding: the images in index order, with each row's split and group.
-
-    Attributes:
-        dataset: one dataset holding every image to embed, in the order of the feature index.
-        splits: each row's split (``train`` / ``val`` / ``test`` for the named data sets, the manifest's
-            cell otherwise; blank when unknown).
-        groups: each row's group (the manifest's ``group`` cell, or a patient number within the table).
-    """
-
-    dataset: LabelledImageDataset
-    splits: tuple[str, ...]
-    groups: tuple[str, ...]
-
-    def index(self) -> FeatureIndex:
-        """The feature index of these images: ids, split, modality, group and labels."""
-        records = self.dataset.records
-        return FeatureIndex(
-            ids=tuple(record.id for record in records),
-            splits=self.splits,
-            modalities=tuple(record.modality for record in records),
-            groups=self.groups,
-            label_names=self.dataset.label_names,
-            labels=np.array([record.labels for record in records], dtype=np.float64).reshape(
-                len(records), len(self.dataset.label_names)
-            ),
-        )
-
-
-def _patient_numbers(records) -> tuple[str, ...]:
-    """A group per record: patients (the folder above the study in every named layout) numbered in order."""
-    numbers: dict[str, int] = {}
-    groups = []
-    for record in records:
-        patient = record.path.parent.parent.name
-        number = numbers.setdefault(patient, len(numbers) + 1)
-        groups.append(f"patient_{number:06d}")
-    return tuple(groups)
-
-
-def _open_manifest(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
-    rows = read_table(spec.path)
-    dataset = Manifest(
-        spec.path, label_columns=spec.label_columns, id_column=spec.id_column, transform=transform, cache=cache,
-        on_error=on_error,
-    )
+def _feature_index(dataset: LabelledImageDataset, spec: DatasetSpec) -> FeatureIndex:
+    """The feature index of ``dataset``'s images: ids, split, modality, group and labels."""
     clashes = [name for name in dataset.label_names if name in INDEX_COLUMNS]
     if clashes:
         raise ValueError(f"{spec.path}: label columns may not be named {clashes} (they are index columns)")
-    # Manifest keeps one record per table row, in order.
-    splits = [(row.get("split") or "").strip() for row in rows]
-    groups = [(row.get("group") or "").strip() for row in rows]
-    if spec.splits is not None:
-        present = set(splits)
-        missing = [split for split in spec.splits if split not in present]
-        if missing:
-            raise ValueError(f"{spec.path}: no rows with split {missing}; the split column holds {sorted(present)}")
-        keep = [i for i, split in enumerate(splits) if split in spec.splits]
-        dataset.records = [dataset.records[i] for i in keep]
-        splits = [splits[i] for i in keep]
-        groups = [groups[i] for i in keep]
-    return EmbedDataset(dataset, tuple(splits), tuple(groups))
-
-
-def _open_named(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
-    names = _NAMED_SPLITS[spec.kind]
-    parts, splits = [], []
-    for split in spec.splits or tuple(names):
-        options = {"transform": transform, "cache": cache, "on_error": on_error}
-        if spec.kind == "mimic":
-            part = MimicCxr(spec.path, split=split, **options)
-        elif spec.kind == "chexpert":
-            part = CheXpert(spec.path, csv=f"{split}.csv", **options)
-        else:
-            part = CtRate(spec.path, split=split, fixed=spec.fixed, **options)
-        parts.append(part)
-        splits.extend([names[split]] * len(part))
-    # The splits of one data set share their class, labels and preprocessing: one dataset holds them all.
-    dataset = copy.copy(parts[0])
-    dataset.records = [record for part in parts for record in part.records]
-    return EmbedDataset(dataset, tuple(splits), _patient_numbers(dataset.records))
-
-
-def open_dataset(
-    spec: DatasetSpec,
-    transform=None,
-    cache: PreprocessCache | None = None,
-    on_error: str = "raise",
-) -> EmbedDataset:
-    """Open the images of ``spec`` in a fixed order, with their splits and groups.
-
-    ``transform``, ``cache`` and ``on_error`` are passed to the dataset (see
-    :class:`mmv.data.LabelledImageDataset`).
-    """
-    if not isinstance(spec, DatasetSpec):
-        raise TypeError(f"spec must be a DatasetSpec, got {type(spec).__name__}")
-    opened = (_open_manifest if spec.kind == "manifest" else _open_named)(spec, transform, cache, on_error)
-    if len(opened.dataset) == 0:
-        raise ValueError(f"{spec.path}: the {spec.kind} data set holds no images (splits {spec.splits or 'all'})")
-    return opened
+    records = dataset.records
+    return FeatureIndex(
+        ids=tuple(record.id for record in records),
+        splits=tuple(record.split for record in records),
+        modalities=tuple(record.modality for record in records),
+        groups=tuple(record.group for record in records),
+        label_names=dataset.label_names,
+        labels=np.array([record.labels for record in records], dtype=np.float64).reshape(
+            len(records), len(dataset.label_names)
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -568,8 +416,7 @@ def _encode_pending(
     pending_rows = writer.pending_rows
     if pending_rows.size == 0:
         return []
-    pending = copy.copy(dataset)
-    pending.records = [dataset.records[row] for row in pending_rows]
+    pending = dataset.subset(pending_rows)
     counts = pending.token_counts(encoder.config.patch_size, progress=progress)
     # An image larger than the budget is encoded alone rather than refused.
     # Every image goes through this process, whether or not a process group is initialised.
@@ -683,8 +530,8 @@ def run_embed(
     }
     transform = embed_preprocess(loaded.preprocess, **given)
     cache = PreprocessCache(cache_dir) if cache_dir is not None else None
-    opened = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
-    index = opened.index()
+    images = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
+    index = _feature_index(images, dataset)
     settings = _plain(
         {
             "weights_sha256": _weights_digest(encoder),
@@ -719,7 +566,7 @@ def run_embed(
     with FeatureWriter(partial, index, {name: encoder.config.embed_dim for name in ARRAY_NAMES}) as writer:
         to_encode = int(writer.pending_rows.size)
         skipped_rows = _encode_pending(
-            writer, opened.dataset, encoder, device,
+            writer, images, encoder, device,
             max_tokens=max_tokens, num_workers=num_workers, bf16=bf16, progress=progress,
         )
         seconds = time.perf_counter() - started
