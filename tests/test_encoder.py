@@ -590,20 +590,22 @@ def test_torch_compile_with_inductor_matches_eager():
     _compiled_matches_eager("inductor", check_another_batch=True)
 
 
-def test_torch_compile_with_dynamic_sizes_encodes_another_number_of_images_and_tokens_without_compiling_again():
+def test_torch_compile_with_dynamic_sizes_encodes_other_numbers_of_images_and_tokens_without_compiling_again():
     torch._dynamo.reset()
     encoder = tiny_encoder(depth=1)
     images = mixed_images()
     more_xrays = [Image(torch.randn(8, 16), (1.0, 1.0), "DX"), Image(torch.randn(16, 16), (0.5, 0.7), "DX")]
+    longer_xray = Image(torch.randn(40, 40), (1.0, 1.0), "DX")
     first = pack([encoder.tokenizer(image) for image in images])
-    second = pack([encoder.tokenizer(image) for image in images[1:] + more_xrays * 2])
-    # max_seqlen stays: packed_attention's schema takes it as a plain int, which compiling specialises.
-    assert second.max_seqlen == first.max_seqlen
-    assert (second.num_images, second.num_tokens) != (first.num_images, first.num_tokens)
+    same_longest = pack([encoder.tokenizer(image) for image in images[1:] + more_xrays * 2])
+    new_longest = pack([encoder.tokenizer(image) for image in [*images, longer_xray]])
+    assert same_longest.max_seqlen == first.max_seqlen and new_longest.max_seqlen != first.max_seqlen
+    assert len({(b.num_images, b.num_tokens) for b in (first, same_longest, new_longest)}) == 3
     compiled = torch.compile(encoder, backend="aot_eager", dynamic=True)
     close(compiled(first).cls, encoder(first).cls, atol=1e-6)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        out = compiled(second)
-    reference = encoder(second)
-    for name in ("cls", "registers", "patch_tokens", "pooled"):
-        close(getattr(out, name), getattr(reference, name), atol=1e-6)
+    for batch in (same_longest, new_longest):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = compiled(batch)
+        reference = encoder(batch)
+        for name in ("cls", "registers", "patch_tokens", "pooled"):
+            close(getattr(out, name), getattr(reference, name), atol=1e-6)

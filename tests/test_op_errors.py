@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers.bad_inputs import (
@@ -124,3 +125,17 @@ def test_packed_attention_bwd_kernel_rejects_saved_tensors(bad):
     with pytest.raises(bad.error) as raised:
         call_attention_bwd_kernel(args)
     assert_names_argument(raised, bad.argument)
+
+
+@pytest.mark.parametrize("max_seqlen", [7.0, "7", torch.tensor([7])], ids=["float", "str", "tensor"])
+def test_packed_attention_rejects_a_max_seqlen_that_is_not_an_integer(max_seqlen, op_path):
+    with pytest.raises(TypeError) as raised:
+        packed_attention(**replaced(max_seqlen=lambda a: max_seqlen)(valid_attention_args()))
+    assert_names_argument(raised, "max_seqlen")
+
+
+def test_packed_attention_takes_any_integer_as_max_seqlen(op_path):
+    args = valid_attention_args()
+    expected = packed_attention(**args)
+    for max_seqlen in (np.int64(7), np.int32(7)):
+        torch.testing.assert_close(packed_attention(**{**args, "max_seqlen": max_seqlen}), expected, rtol=0, atol=0)

@@ -20,8 +20,8 @@ class PatchStream(NamedTuple):
 
     Only tensors and plain numbers: the batch's per-image Python tuples (grid shapes, modalities) stay
     out, so that ``torch.compile`` has none to guard on and keeps the number of images and tokens
-    symbolic instead of compiling again for every new count. ``max_seqlen`` is an ``int`` in
-    ``packed_attention``'s schema, which compiling specialises.
+    symbolic instead of compiling again for every new count; ``max_seqlen`` is a ``SymInt`` in
+    ``packed_attention``'s schema, so a new longest image does not compile again either.
 
     Attributes:
         patches_2d: float32 ``(N2, py * px)``, the 2D patches; ``rows_2d`` int64 ``(N2,)`` their stream rows.
