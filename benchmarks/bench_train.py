@@ -24,8 +24,8 @@ import torch
 
 from mmv.data.datasets import Sample
 from mmv.image import Image
-from mmv.train import Trainer
-from mmv.train_config import PretrainConfig
+from mmv.train.trainer import Trainer
+from mmv.train.config import PretrainConfig
 
 
 class MixedImages(torch.utils.data.Dataset):

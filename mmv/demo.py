@@ -33,9 +33,9 @@ from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, p
 from mmv.eval.probe import evaluate_probe, fit_linear_probe, paired_macro_auroc_difference
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
-from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
-from mmv.train import Trainer
-from mmv.train_config import PretrainConfig, apply_overrides
+from mmv.train.sources import build_pretraining_sources, modality_preprocess
+from mmv.train.trainer import Trainer
+from mmv.train.config import PretrainConfig, apply_overrides
 
 __all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features"]
 

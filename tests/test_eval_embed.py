@@ -24,7 +24,7 @@ from mmv.eval.embed import (
 )
 from mmv.eval.features import FeatureTableError, read_feature_table
 from mmv.model import CheckpointError, Encoder, EncoderConfig, MissingPreprocessWarning
-from mmv.train import Trainer
+from mmv.train.trainer import Trainer
 
 from train_helpers import SyntheticImages, tiny_config
 
@@ -332,7 +332,7 @@ def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
     ],
 )
 def test_a_hostile_run_config_in_a_training_checkpoint_raises_before_any_model_is_built(tmp_path, monkeypatch, config_text):
-    from mmv.checkpoint import save_checkpoint
+    from mmv.train.checkpoint import save_checkpoint
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from an unchecked config")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmv.schedules import cosine_schedule, linear_warmup, warmup_cosine_schedule
+from mmv.train.schedules import cosine_schedule, linear_warmup, warmup_cosine_schedule
 from mmv.ssl.heads import DinoHead
 from mmv.ssl.teacher import EmaTeacher, teacher_momentum, teacher_temperature
 

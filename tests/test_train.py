@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from mmv import files
-from mmv.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from mmv.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
-from mmv.pretrain_data import modality_preprocess
-from mmv.train import Trainer
-from mmv.train_config import ModelConfig, OptimConfig, PretrainConfig, RunSettings, apply_overrides, load_config
+from mmv.train.sources import modality_preprocess
+from mmv.train.trainer import Trainer
+from mmv.train.config import ModelConfig, OptimConfig, PretrainConfig, RunSettings, apply_overrides, load_config
 
 from train_helpers import SyntheticImages, tiny_config
 
@@ -288,12 +288,12 @@ def test_a_checkpoint_that_does_not_fit_the_run_raises_a_checkpoint_error_naming
 
 
 def test_an_unwritable_out_dir_fails_before_data_and_model_set_up(tmp_path, monkeypatch):
-    import mmv.train
+    import mmv.train.trainer
 
     def no_set_up(*args, **kwargs):
         raise AssertionError("the model was set up before the output directory was checked")
 
-    monkeypatch.setattr(mmv.train, "Encoder", no_set_up)
+    monkeypatch.setattr(mmv.train.trainer, "Encoder", no_set_up)
     blocker = tmp_path / "a file"
     blocker.write_text("")
     with pytest.raises(OSError, match=f"run.out_dir: cannot write to {blocker / 'run'}"):
@@ -354,7 +354,7 @@ def test_checkpoints_are_fsynced_and_so_is_their_directory_after_the_rename(tmp_
 KILLED_WORKER = """
 import sys
 from train_helpers import SyntheticImages, tiny_config
-from mmv.train import Trainer
+from mmv.train.trainer import Trainer
 
 Trainer(tiny_config(sys.argv[1], steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages()).train()
 """

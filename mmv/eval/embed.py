@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
+from mmv.train.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
 from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
@@ -77,9 +77,9 @@ from mmv.eval.features import (
 from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict
 from mmv.data.preprocess import ModalityPreprocess
 from mmv.model.encoder import PREPROCESS_KEY, Encoder, MissingPreprocessWarning
-from mmv.pretrain_data import modality_preprocess
+from mmv.train.sources import modality_preprocess
 from mmv.tokenizer import Tokenizer
-from mmv.train_config import PretrainConfig
+from mmv.train.config import PretrainConfig
 
 __all__ = [
     "ARRAY_NAMES",

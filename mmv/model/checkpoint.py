@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mmv.checkpoint import MAX_CONFIG_BYTES, CheckpointError, parse_json_config
+from mmv.train.checkpoint import MAX_CONFIG_BYTES, CheckpointError, parse_json_config
 from mmv.files import atomic_write
 
 __all__ = ["CheckpointError", "CONFIG_NAME", "SAFETENSORS_NAME", "TORCH_NAME", "write_checkpoint", "read_checkpoint", "check_state_dict"]

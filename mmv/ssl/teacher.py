@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from mmv.schedules import cosine_schedule, linear_warmup
+from mmv.train.schedules import cosine_schedule, linear_warmup
 
 __all__ = ["EmaTeacher", "teacher_momentum", "teacher_temperature"]
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import (
+from mmv.train.checkpoint import (
     TRAINING_CHECKPOINT_FORMAT,
     CheckpointError,
     capture_rng_state,
@@ -55,15 +55,15 @@ from mmv.files import atomic_write, check_writable
 from mmv.model.checkpoint import check_state_dict
 from mmv.model.encoder import Encoder
 from mmv.packing import PackedBatch
-from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
-from mmv.schedules import cosine_schedule, warmup_cosine_schedule
+from mmv.train.sources import build_pretraining_sources, modality_preprocess
+from mmv.train.schedules import cosine_schedule, warmup_cosine_schedule
 from mmv.ssl.augment import CropSpec, MultiCrop
 from mmv.ssl.batch import MultiCropDataset, SeededBatchSampler, SslBatch, SslCollate
 from mmv.ssl.heads import DinoHead
 from mmv.ssl.losses import DinoLoss, IbotLoss, koleo_loss
 from mmv.ssl.teacher import EmaTeacher, teacher_momentum, teacher_temperature
 from mmv.tokenizer import Tokenizer
-from mmv.train_config import PretrainConfig
+from mmv.train.config import PretrainConfig
 
 __all__ = ["SslStudent", "SslObjective", "Trainer", "pretrain", "build_multicrop", "plot_losses", "read_metrics"]
 

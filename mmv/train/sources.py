@@ -8,7 +8,7 @@ from pathlib import Path
 from mmv.data.cache import PreprocessCache
 from mmv.data.datasets import CheXpert, CtRate, Manifest, MimicCxr, MixedDataset
 from mmv.data.preprocess import CtPreprocess, ModalityPreprocess, XrayPreprocess
-from mmv.train_config import DataConfig
+from mmv.train.config import DataConfig
 
 __all__ = ["ModalityPreprocess", "modality_preprocess", "build_pretraining_sources", "SOURCE_KINDS"]
 
