@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from mmv.data.phantom import PhantomSettings, write_phantom_dataset
-from mmv.eval.embed import DatasetSpec, embed_preprocess, open_dataset, run_embed
+from mmv.eval.embed import DatasetSpec, open_dataset, run_embed
+from mmv.eval.encoders import embed_preprocess
 from mmv.model.encoder import Encoder
 
 CT_SPACING_MM = 4.0

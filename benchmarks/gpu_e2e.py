@@ -43,7 +43,7 @@ from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, generate_phantom
 from mmv.demo import DemoSettings, demo_config
 from mmv.eval import read_feature_table
 from mmv.eval.embed import DatasetSpec, run_embed
-from mmv.train.trainer import Trainer
+from mmv.train import Trainer
 
 XRAY_SIDE, CT_SIDE = 224, 192
 NUM_XRAYS, NUM_CTS = 24, 2

@@ -151,7 +151,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             "--config is required: a TOML run config whose [data] section lists the image sources "
             "(e.g. configs/phantom_vit_tiny.toml after mmv phantom); --print-config shows the defaults"
         )
-    from mmv.train.trainer import pretrain
+    from mmv.train import pretrain
 
     encoder_dir = pretrain(config, resume=args.resume)
     print(f"encoder written to {encoder_dir}")

@@ -13,7 +13,7 @@ from mmv.demo import DemoSettings, demo_config, extract_features, initial_encode
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
 from mmv.train.sources import build_pretraining_sources, modality_preprocess
-from mmv.train.trainer import Trainer
+from mmv.train import Trainer
 
 TINY = DemoSettings(num_phantoms=16, steps=2, max_tokens=800, ct_spacing=10.0, xray_spacing=5.0, threads=1)
 

@@ -16,15 +16,14 @@ from mmv.eval.embed import (
     RUN_FILE,
     DatasetSpec,
     add_embed_arguments,
-    embed_preprocess,
-    load_encoder,
     main_embed,
     open_dataset,
     run_embed,
 )
+from mmv.eval.encoders import embed_preprocess, load_encoder
 from mmv.eval.features import FeatureTableError, read_feature_table
 from mmv.model import CheckpointError, Encoder, EncoderConfig, MissingPreprocessWarning
-from mmv.train.trainer import Trainer
+from mmv.train import Trainer
 
 from train_helpers import SyntheticImages, tiny_config
 
@@ -332,13 +331,13 @@ def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
     ],
 )
 def test_a_hostile_run_config_in_a_training_checkpoint_raises_before_any_model_is_built(tmp_path, monkeypatch, config_text):
-    from mmv.train.checkpoint import save_checkpoint
+    from mmv.train.checkpoint import TRAINING_CHECKPOINT_FORMAT, save_checkpoint
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from an unchecked config")
 
     monkeypatch.setattr(Encoder, "__init__", no_model)
-    state = {"format": "mmv-pretrain-checkpoint", "teacher": {}, "config": config_text}
+    state = {"format": TRAINING_CHECKPOINT_FORMAT, "teacher": {}, "config": config_text}
     path = save_checkpoint(tmp_path, 1, state)
     with pytest.raises(CheckpointError, match=f"{path}: .*(at most|nested too deeply)"):
         load_encoder(path)

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from mmv import files
-from mmv.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from mmv.model.checkpoint import CheckpointError
 from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
-from mmv.train.sources import modality_preprocess
-from mmv.train.trainer import Trainer
+from mmv.train import Trainer, encoder_from_checkpoint
+from mmv.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmv.train.config import ModelConfig, OptimConfig, PretrainConfig, RunSettings, apply_overrides, load_config
+from mmv.train.sources import modality_preprocess
 
 from train_helpers import SyntheticImages, tiny_config
 
@@ -224,7 +225,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_cuts_the_metrics_back(t
     if damage == "truncated":
         newest.write_bytes(data[: len(data) // 2])
     else:
-        cls_token = load_checkpoint(newest)["teacher"]["module.encoder.cls_token"].numpy().tobytes()
+        cls_token = encoder_from_checkpoint(newest, "teacher").cls_token.detach().numpy().tobytes()
         offset = data.find(cls_token)
         newest.write_bytes(data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :])
     with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as stream:
@@ -354,7 +355,7 @@ def test_checkpoints_are_fsynced_and_so_is_their_directory_after_the_rename(tmp_
 KILLED_WORKER = """
 import sys
 from train_helpers import SyntheticImages, tiny_config
-from mmv.train.trainer import Trainer
+from mmv.train import Trainer
 
 Trainer(tiny_config(sys.argv[1], steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages()).train()
 """

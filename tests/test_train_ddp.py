@@ -15,7 +15,7 @@ import hashlib, json, sys
 import torch
 import torch.distributed as dist
 from train_helpers import SyntheticImages, tiny_config
-from mmv.train.trainer import Trainer
+from mmv.train import Trainer
 
 out = sys.argv[1]
 trainer = Trainer(tiny_config(out, steps=3), dataset=SyntheticImages(count=18))

@@ -1,5 +1,9 @@
 """Training checkpoints: one file per saved step, written atomically and durably, checksummed, the last K kept.
 
+This module is the one owner of the format: the files, the layout of the state a run saves
+(:func:`training_state`), its verification and restoring (:func:`restore_training_state`), and reading an
+encoder out of it (:func:`encoder_from_checkpoint`).
+
 A checkpoint is a dict of tensors and plain Python values (numbers, strings, lists, dicts), saved with
 ``torch.save`` and loaded with ``torch.load(weights_only=True)``, so loading one never runs code from the
 file. Files are named ``step_00001234.pt`` inside the run's checkpoint directory. Each holds, under the
@@ -7,8 +11,12 @@ key ``"sha256"``, the SHA-256 of its content (every tensor's dtype, shape and by
 in order); :func:`load_checkpoint` recomputes it, so a flipped byte anywhere in the data is an error rather
 than silently different weights.
 
-:class:`CheckpointError` is the one error type of every unusable checkpoint in mmv, training checkpoints
-and encoder directories alike (exported as ``mmv.CheckpointError``).
+The state of a run holds ``format`` (``"mmv-pretrain-checkpoint"``), the data position (``step``,
+``epoch``, ``batch_in_epoch``), the state dicts of the ``student`` (:class:`mmv.ssl.objective.SslStudent`),
+the ``teacher`` (:class:`mmv.ssl.teacher.EmaTeacher` of the student), the ``objective`` (loss centres) and
+the ``optimizer``, the random generator states of every process (``rng``), and the run ``config`` as JSON.
+
+An unusable checkpoint raises :class:`mmv.CheckpointError` (defined in :mod:`mmv.model.checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,14 +32,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from torch import nn
+
 from mmv.files import TEMPORARY_SUFFIX, atomic_write
+from mmv.model.checkpoint import CheckpointError, check_state_dict, parse_json_config
+from mmv.model.encoder import Encoder
+from mmv.train.config import PretrainConfig
+from mmv.train.sources import modality_preprocess
 
 __all__ = [
-    "CheckpointError",
     "CHECKSUM_KEY",
     "TRAINING_CHECKPOINT_FORMAT",
     "content_digest",
-    "parse_json_config",
+    "training_state",
+    "restore_training_state",
+    "encoder_from_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
@@ -45,46 +60,16 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 CHECKSUM_KEY = "sha256"
 
-# The "format" entry of the state a pretraining run saves (mmv.train) and mmv embed reads.
+# The "format" entry of the state a pretraining run saves.
 TRAINING_CHECKPOINT_FORMAT = "mmv-pretrain-checkpoint"
 
-# A config.json is a few hundred bytes; anything near this size is not one, and is not read whole.
-MAX_CONFIG_BYTES = 1 << 20
+# Where each model's encoder lies in a run's state: the student is an SslStudent, the teacher an
+# EmaTeacher holding a copy of it as ``module``.
+_ENCODER_PREFIXES = {"teacher": "module.encoder.", "student": "encoder."}
 
-
-class CheckpointError(ValueError):
-    """A checkpoint (a training checkpoint file or an encoder directory) is missing a part, unreadable,
-    truncated, corrupt, or holds a config or weights that do not fit the model.
-
-    Attributes:
-        path: the file (or directory) at fault.
-        reason: what is wrong with it.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-
-def parse_json_config(text: str | bytes, path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's config, JSON text holding an object, as a dict.
-
-    Raises:
-        CheckpointError: naming ``path``, for text over 1 MiB, invalid JSON, JSON nested too deeply for the
-            parser, or JSON that is not an object.
-    """
-    if len(text) > MAX_CONFIG_BYTES:
-        raise CheckpointError(path, f"the config is over {MAX_CONFIG_BYTES} bytes, more than a config can be")
-    try:
-        config = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(path, f"cannot read the config as JSON ({error})") from error
-    except RecursionError:
-        raise CheckpointError(path, "cannot read the config as JSON (nested too deeply)") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(path, f"the config must be a JSON object, got {type(config).__name__}")
-    return config
+# The entries of a run's state holding the data position, and those holding module state dicts.
+_POSITION_KEYS = ("step", "epoch", "batch_in_epoch")
+_MODULE_KEYS = ("student", "teacher", "objective")
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -248,3 +233,175 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(
+    *,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    student: nn.Module,
+    teacher: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng_states: list[dict[str, Any]],
+    config: PretrainConfig,
+) -> dict[str, Any]:
+    """The state a pretraining run saves (see the module documentation), ready for :func:`save_checkpoint`.
+
+    ``rng_states`` holds :func:`capture_rng_state` of every process, by rank.
+    """
+    return {
+        "format": TRAINING_CHECKPOINT_FORMAT,
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict(),
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_states,
+        "config": json.dumps(config.to_dict()),
+    }
+
+
+def restore_training_state(
+    path: str | os.PathLike,
+    state: dict[str, Any],
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    world_size: int,
+) -> tuple[int, int, int]:
+    """Check that ``state`` (read from ``path``) fits this run, then load it into the modules and the
+    optimiser and restore process ``rank``'s random generators; returns ``(step, epoch, batch_in_epoch)``.
+
+    Raises:
+        CheckpointError: naming ``path``, when the state is not a run's, or does not fit these modules, this
+            optimiser or this number of processes; nothing is loaded then unless the damage is one no
+            check foresaw.
+    """
+    modules = {"student": student, "teacher": teacher, "objective": objective}
+    try:
+        _check_state(path, state, modules, optimizer, rank, world_size)
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"][rank])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:  # unforeseen damage
+        raise CheckpointError(path, f"cannot restore the run from it ({type(error).__name__}: {error})") from error
+    step, epoch, batch_in_epoch = (state[key] for key in _POSITION_KEYS)
+    return step, epoch, batch_in_epoch
+
+
+def _check_state(
+    path: str | os.PathLike,
+    state: dict[str, Any],
+    modules: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    world_size: int,
+) -> None:
+    if state.get("format") != TRAINING_CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
+        )
+    required = (*_POSITION_KEYS, *_MODULE_KEYS, "optimizer", "rng")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(path, f"the checkpoint lacks {missing}")
+    for key in _POSITION_KEYS:
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+            raise CheckpointError(path, f"{key!r} must be a non-negative int, got {value!r}")
+    for key, module in modules.items():
+        _check_tensors(path, state, key)
+        try:
+            check_state_dict(path, state[key], module.state_dict())
+        except CheckpointError as error:
+            raise CheckpointError(path, f"{key}: {error.reason}") from None
+    _check_optimizer_state(path, state["optimizer"], optimizer)
+    rng_states = state["rng"]
+    if not isinstance(rng_states, list) or len(rng_states) != world_size:
+        count = len(rng_states) if isinstance(rng_states, list) else "no list of"
+        raise CheckpointError(path, f"the checkpoint holds random states of {count} processes, this run has {world_size}")
+    try:
+        check_rng_state(rng_states[rank])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise CheckpointError(path, f"unusable random generator states ({error})") from None
+
+
+def _check_tensors(path: str | os.PathLike, state: dict[str, Any], key: str) -> None:
+    if not isinstance(state[key], dict) or not all(isinstance(t, torch.Tensor) for t in state[key].values()):
+        raise CheckpointError(path, f"{key!r} must be a dict of tensors")
+
+
+def _check_optimizer_state(path: str | os.PathLike, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """The saved AdamW state must have this optimiser's groups, and tensors shaped like their parameters."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)):
+        raise CheckpointError(path, "'optimizer' must be an optimiser state (a dict of 'state' and 'param_groups')")
+    groups = optimizer.param_groups
+    saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved["param_groups"]]
+    sizes = [len(g["params"]) for g in groups]
+    if saved_sizes != sizes:
+        raise CheckpointError(path, f"the optimiser state has groups of {saved_sizes} parameters, this run's optimiser {sizes}")
+    parameters = {}
+    for saved_group, group in zip(saved["param_groups"], groups):
+        parameters.update(zip(saved_group["params"], group["params"]))
+    for index, values in saved["state"].items():
+        if index not in parameters or not isinstance(values, dict):
+            raise CheckpointError(path, f"the optimiser state has an entry {index!r} for no parameter")
+        shape = tuple(parameters[index].shape)
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shape:
+                raise CheckpointError(
+                    path,
+                    f"optimiser state {name!r} of parameter {index} has shape {tuple(value.shape)}, the parameter {shape}",
+                )
+
+
+def encoder_from_checkpoint(path: str | os.PathLike, which: str = "teacher") -> Encoder:
+    """The encoder of the EMA teacher (or of the student) saved in a training checkpoint file, in eval mode.
+
+    Its :attr:`~mmv.Encoder.preprocess` is the preprocessing of the run (from the run config the
+    checkpoint holds), so its users preprocess images as it was trained.
+
+    Args:
+        path: a checkpoint file of a pretraining run (``<run>/checkpoints/step_*.pt``).
+        which: ``"teacher"`` (what a finished run saves as its encoder) or ``"student"``.
+
+    Raises:
+        ValueError: ``which`` is neither ``"teacher"`` nor ``"student"``.
+        FileNotFoundError: no such file.
+        CheckpointError: naming ``path``, for an unreadable, truncated or corrupt file, one that is not a
+            pretraining checkpoint, an unusable run config, or weights that do not fit it.
+    """
+    if which not in _ENCODER_PREFIXES:
+        raise ValueError(f"encoder_from_checkpoint: which must be 'teacher' or 'student', got {which!r}")
+    path = Path(path)
+    state = load_checkpoint(path)
+    if state.get("format") != TRAINING_CHECKPOINT_FORMAT or which not in state:
+        raise CheckpointError(
+            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
+        )
+    _check_tensors(path, state, which)
+    try:
+        config = PretrainConfig.from_dict(parse_json_config(state["config"], path))
+        encoder_config = config.model.encoder_config()
+        preprocess = modality_preprocess(config.data)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(path, f"its run config is unusable ({error})") from error
+    prefix = _ENCODER_PREFIXES[which]
+    weights = {name[len(prefix) :]: tensor for name, tensor in state[which].items() if name.startswith(prefix)}
+    encoder = Encoder(encoder_config)
+    check_state_dict(path, weights, encoder.state_dict())
+    encoder.load_state_dict(weights)
+    encoder.preprocess = preprocess
+    return encoder.eval()
