@@ -381,7 +381,7 @@ def encoder_from_checkpoint(path: str | os.PathLike, which: str = "teacher") -> 
         CheckpointError: naming ``path``, for an unreadable, truncated or corrupt file, one that is not a
             pretraining checkpoint, an unusable run config, or weights that do not fit it.
     """
-    if which not in _ENCODER_PREFIXES:
+    if not isinstance(which, str) or which not in _ENCODER_PREFIXES:
         raise ValueError(f"encoder_from_checkpoint: which must be 'teacher' or 'student', got {which!r}")
     path = Path(path)
     state = load_checkpoint(path)
