@@ -253,6 +253,9 @@ def test_encoder_from_checkpoint_refuses_a_bad_which_and_unusable_files(tmp_path
     with pytest.raises(CheckpointError, match=f"{re.escape(str(damaged))}: .*missing \\['cls_token'\\]"):
         encoder_from_checkpoint(damaged, which="student")
     assert _same_weights(encoder_from_checkpoint(damaged), encoder_from_checkpoint(path))  # the teacher is whole
+    studentless = save_checkpoint(tmp_path / "studentless", 2, {k: v for k, v in good.items() if k != "student"})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(studentless))}: the checkpoint lacks \\['student'\\]"):
+        encoder_from_checkpoint(studentless, which="student")
     unusable = save_checkpoint(tmp_path / "unusable", 2, {**good, "config": '{"model": {"preset": "vit_huge_x"}}'})
     with pytest.raises(CheckpointError, match=f"{re.escape(str(unusable))}: its run config is unusable"):
         encoder_from_checkpoint(unusable)

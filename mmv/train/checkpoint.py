@@ -307,10 +307,7 @@ def _check_state(
     rank: int,
     world_size: int,
 ) -> None:
-    if state.get("format") != TRAINING_CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
-        )
+    _check_format(path, state)
     required = (*_POSITION_KEYS, *_MODULE_KEYS, "optimizer", "rng")
     missing = [key for key in required if key not in state]
     if missing:
@@ -334,6 +331,13 @@ def _check_state(
         check_rng_state(rng_states[rank])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
         raise CheckpointError(path, f"unusable random generator states ({error})") from None
+
+
+def _check_format(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    if state.get("format") != TRAINING_CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
+        )
 
 
 def _check_tensors(path: str | os.PathLike, state: dict[str, Any], key: str) -> None:
@@ -385,10 +389,9 @@ def encoder_from_checkpoint(path: str | os.PathLike, which: str = "teacher") -> 
         raise ValueError(f"encoder_from_checkpoint: which must be 'teacher' or 'student', got {which!r}")
     path = Path(path)
     state = load_checkpoint(path)
-    if state.get("format") != TRAINING_CHECKPOINT_FORMAT or which not in state:
-        raise CheckpointError(
-            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
-        )
+    _check_format(path, state)
+    if which not in state:
+        raise CheckpointError(path, f"the checkpoint lacks {[which]}")
     _check_tensors(path, state, which)
     try:
         config = PretrainConfig.from_dict(parse_json_config(state["config"], path))
