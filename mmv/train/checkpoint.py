@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from mmv.files import TEMPORARY_SUFFIX, atomic_write
