@@ -37,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-from mmv.data.phantom import PhantomSettings, write_phantom_dataset
 from mmv.data.dataset_spec import DatasetSpec, open_dataset
 from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
-from mmv.eval.embed import embed_preprocess, run_embed
+from mmv.data.phantom import PhantomSettings, write_phantom_dataset
+from mmv.eval.embed import run_embed
+from mmv.eval.encoders import embed_preprocess
 from mmv.model.encoder import Encoder
 
 CT_SPACING_MM = 4.0

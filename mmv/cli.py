@@ -1,7 +1,7 @@
 """The ``mmv`` command.
 
 ``mmv pretrain --config run.toml [--set section.key=value ...] [--resume]``
-    self-supervised pretraining (see :mod:`mmv.train` and :mod:`mmv.train_config`); under ``torchrun``
+    self-supervised pretraining (see :mod:`mmv.train` and :mod:`mmv.train.config`); under ``torchrun``
     it trains with DDP (``torchrun --nproc_per_node 2 -m mmv.cli pretrain ...``).
 ``mmv phantom --out DIR [--count N] [--seed S] [--workers N]``
     writes a phantom data set (:mod:`mmv.data.phantom`).
@@ -140,7 +140,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from mmv.train_config import load_config
+    from mmv.train.config import load_config
 
     config = load_config(args.config, args.overrides)
     if args.print_config:

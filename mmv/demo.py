@@ -3,7 +3,7 @@
 1. Writes a phantom data set (:mod:`mmv.data.phantom`): one CT volume and one radiograph per phantom,
    five findings, train / val / test splits by phantom.
 2. Pretrains ``vit_tiny`` on the training phantoms' CTs and radiographs together, in mixed 2D/3D
-   token-budget batches, with the DINOv2 objective (:mod:`mmv.train`).
+   token-budget batches, with the DINOv2 objective (:mod:`mmv.train`, :mod:`mmv.ssl.objective`).
 3. Encodes every image with the pretrained (teacher) encoder and with the same encoder before
    pretraining (its random initialisation), features = CLS token and mean patch token side by side.
 4. Fits a linear probe per modality and encoder on the training split (strength chosen on val) and
@@ -34,9 +34,9 @@ from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, p
 from mmv.eval.probe import evaluate_probe, fit_linear_probe, paired_macro_auroc_difference
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
-from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
-from mmv.train import Trainer
-from mmv.train_config import PretrainConfig, apply_overrides
+from mmv.train.config import PretrainConfig, apply_overrides
+from mmv.train.sources import build_pretraining_sources, modality_preprocess
+from mmv.train.trainer import Trainer
 
 __all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features"]
 

@@ -31,8 +31,8 @@ from mmv.data import (
 )
 from mmv.data.dataset_spec import COMMON_SPLIT_NAMES, NAMED_SPLITS
 from mmv.data.tables import TableError
-from mmv.pretrain_data import build_pretraining_sources
-from mmv.train_config import DataConfig
+from mmv.train.config import DataConfig
+from mmv.train.sources import build_pretraining_sources
 
 
 def write_table(path: Path, header: list[str], rows: list[list], compress: bool = False) -> Path:

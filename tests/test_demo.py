@@ -12,7 +12,7 @@ from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, phantom_manifest
 from mmv.demo import DemoSettings, demo_config, extract_features, initial_encoder, run_demo
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
-from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
+from mmv.train.sources import build_pretraining_sources, modality_preprocess
 from mmv.train import Trainer
 
 TINY = DemoSettings(num_phantoms=16, steps=2, max_tokens=800, ct_spacing=10.0, xray_spacing=5.0, threads=1)

@@ -483,13 +483,13 @@ def test_a_huge_config_file_is_not_read(tmp_path):
 
 def test_one_checkpoint_error_class_for_training_checkpoints_and_encoder_directories(tmp_path):
     import mmv
-    import mmv.checkpoint
+    import mmv.train.checkpoint
 
-    assert mmv.CheckpointError is CheckpointError is mmv.checkpoint.CheckpointError
+    assert mmv.CheckpointError is CheckpointError is mmv.train.checkpoint.CheckpointError
     broken = tmp_path / "step_00000001.pt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(mmv.CheckpointError, match="step_00000001.pt"):
-        mmv.checkpoint.load_checkpoint(broken)
+        mmv.train.checkpoint.load_checkpoint(broken)
 
 
 def test_a_full_disk_while_saving_says_so_and_leaves_the_old_files(tmp_path, monkeypatch):

@@ -17,11 +17,10 @@ from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_da
 from mmv.eval.embed import (
     RUN_FILE,
     add_embed_arguments,
-    embed_preprocess,
-    load_encoder,
     main_embed,
     run_embed,
 )
+from mmv.eval.encoders import embed_preprocess, load_encoder
 from mmv.eval.features import FeatureTableError, read_feature_table
 from mmv.model import CheckpointError, Encoder, EncoderConfig, MissingPreprocessWarning
 from mmv.train import Trainer
@@ -330,13 +329,13 @@ def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
     ],
 )
 def test_a_hostile_run_config_in_a_training_checkpoint_raises_before_any_model_is_built(tmp_path, monkeypatch, config_text):
-    from mmv.checkpoint import save_checkpoint
+    from mmv.train.checkpoint import TRAINING_CHECKPOINT_FORMAT, save_checkpoint
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from an unchecked config")
 
     monkeypatch.setattr(Encoder, "__init__", no_model)
-    state = {"format": "mmv-pretrain-checkpoint", "teacher": {}, "config": config_text}
+    state = {"format": TRAINING_CHECKPOINT_FORMAT, "teacher": {}, "config": config_text}
     path = save_checkpoint(tmp_path, 1, state)
     with pytest.raises(CheckpointError, match=f"{path}: .*(at most|nested too deeply)"):
         load_encoder(path)

@@ -6,9 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from mmv.schedules import cosine_schedule, linear_warmup, warmup_cosine_schedule
 from mmv.ssl.heads import DinoHead
-from mmv.ssl.teacher import EmaTeacher, teacher_momentum, teacher_temperature
+from mmv.ssl.teacher import EmaTeacher
+from mmv.train.schedules import (
+    cosine_schedule,
+    linear_warmup,
+    teacher_momentum,
+    teacher_temperature,
+    warmup_cosine_schedule,
+)
 
 
 def test_head_scores_are_cosines_with_unit_prototypes_even_after_training():

@@ -39,15 +39,12 @@ Resuming
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +54,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
 from mmv.data.dataset_spec import DATASET_KINDS, DatasetSpec, open_dataset
 from mmv.data.datasets import LabelledImageDataset
 from mmv.data.io import ImageReadError
 from mmv.data.sampler import TokenBudgetBatchSampler, check_positive_int
+from mmv.eval.encoders import embed_preprocess, load_encoder, weights_digest
 from mmv.eval.features import (
     INDEX_COLUMNS,
     FeatureIndex,
@@ -72,21 +69,14 @@ from mmv.eval.features import (
     read_feature_index,
     read_feature_table,
 )
-from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict
-from mmv.data.preprocess import ModalityPreprocess
-from mmv.model.encoder import PREPROCESS_KEY, Encoder, MissingPreprocessWarning
-from mmv.pretrain_data import modality_preprocess
+from mmv.model.encoder import Encoder
 from mmv.tokenizer import Tokenizer
-from mmv.train_config import PretrainConfig
 
 __all__ = [
     "ARRAY_NAMES",
     "RUN_FILE",
     "EmbedRun",
-    "LoadedEncoder",
     "add_embed_arguments",
-    "embed_preprocess",
-    "load_encoder",
     "main_embed",
     "run_embed",
 ]
@@ -96,8 +86,6 @@ RUN_FILE = "embed.json"
 PARTIAL_DIR = "partial"
 RUN_FORMAT = "mmv-embed"
 RUN_VERSION = 1
-# Where the trainer keeps the EMA teacher's encoder inside a training checkpoint.
-TEACHER_ENCODER_PREFIX = "module.encoder."
 
 # What each setting that must not change within a feature table is called in messages.
 _SETTING_NAMES = {
@@ -133,164 +121,12 @@ def _feature_index(dataset: LabelledImageDataset, spec: DatasetSpec) -> FeatureI
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints and preprocessing
-
-
-@dataclass(frozen=True, eq=False)
-class LoadedEncoder:
-    """An encoder read for embedding, with the preprocessing it was trained with (when known).
-
-    Attributes:
-        encoder: the encoder, in eval mode; its ``preprocess`` is :attr:`preprocess`.
-        preprocess: the preprocessing of its training run, or the defaults.
-        preprocess_from: where :attr:`preprocess` comes from: ``"the encoder"`` (its own record),
-            ``"the pretraining run"`` (a run config) or ``"the defaults"``.
-        source: what was read, for the record (a path, or ``"an Encoder object"``).
-    """
-
-    encoder: Encoder
-    preprocess: ModalityPreprocess
-    preprocess_from: str
-    source: str
-
-
-def _run_config(path: Path) -> PretrainConfig | None:
-    """The pretraining config saved at ``path`` (a run's ``config.json``), or None if it is not one."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(values, dict) or "data" not in values or "model" not in values:
-            return None
-        return PretrainConfig.from_dict(values)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
-        return None
-
-
-def _records_preprocess(path: Path) -> bool:
-    """Whether the encoder config at ``path`` records its preprocessing (unreadable: from_pretrained says why)."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return True
-    return not isinstance(values, dict) or PREPROCESS_KEY in values
-
-
-def _load_training_checkpoint(path: Path) -> LoadedEncoder:
-    state = load_checkpoint(path)
-    if state.get("format") != TRAINING_CHECKPOINT_FORMAT or not isinstance(state.get("teacher"), dict):
-        raise CheckpointError(
-            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
-        )
-    try:
-        config = PretrainConfig.from_dict(parse_json_config(state["config"], path))
-        encoder_config = config.model.encoder_config()
-        preprocess = modality_preprocess(config.data)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(path, f"its run config is unusable ({error})") from error
-    weights = {
-        name[len(TEACHER_ENCODER_PREFIX):]: tensor
-        for name, tensor in state["teacher"].items()
-        if name.startswith(TEACHER_ENCODER_PREFIX)
-    }
-    encoder = Encoder(encoder_config)
-    check_state_dict(path, weights, encoder.state_dict())
-    encoder.load_state_dict(weights)
-    encoder.preprocess = preprocess
-    return LoadedEncoder(encoder.eval(), preprocess, "the pretraining run", str(path))
-
-
-def _load_encoder_directory(path: Path) -> LoadedEncoder:
-    if _records_preprocess(path / CONFIG_NAME):
-        encoder = Encoder.from_pretrained(path)
-        return LoadedEncoder(encoder, encoder.preprocess, "the encoder", str(path))
-    # Written before encoders recorded their preprocessing: the run config beside it still says what it was.
-    run = _run_config(path.parent / CONFIG_NAME)
-    if run is None:
-        encoder = Encoder.from_pretrained(path)  # warns that the defaults are used
-        return LoadedEncoder(encoder, encoder.preprocess, "the defaults", str(path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MissingPreprocessWarning)
-        encoder = Encoder.from_pretrained(path)
-    encoder.preprocess = modality_preprocess(run.data)
-    return LoadedEncoder(encoder, encoder.preprocess, "the pretraining run", str(path))
-
-
-def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
-    """Read an encoder from any of the checkpoints ``mmv embed`` accepts (see the module documentation).
-
-    Raises:
-        FileNotFoundError: nothing at the path, or a directory that is neither an encoder nor a run.
-        CheckpointError: an unreadable or foreign checkpoint, or weights that do not fit its config.
-    """
-    if isinstance(checkpoint, Encoder):
-        return LoadedEncoder(checkpoint.eval(), checkpoint.preprocess, "the encoder", "an Encoder object")
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a path or an mmv.Encoder, got {type(checkpoint).__name__}")
-    path = Path(checkpoint)
-    if path.is_file():
-        return _load_training_checkpoint(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    if (path / CONFIG_NAME).is_file() and _run_config(path / CONFIG_NAME) is None:
-        return _load_encoder_directory(path)
-    if (path / "encoder" / CONFIG_NAME).is_file():
-        return _load_encoder_directory(path / "encoder")
-    latest = latest_checkpoint(path / "checkpoints")
-    if latest is not None:
-        return _load_training_checkpoint(latest)
-    raise FileNotFoundError(
-        f"{path}: neither an encoder directory ({CONFIG_NAME} + weights) nor a pretraining run "
-        "(encoder/ or checkpoints/step_*.pt)"
-    )
-
-
-def embed_preprocess(
-    preprocess: ModalityPreprocess | None = None,
-    *,
-    ct_spacing: Sequence[float] | None = None,
-    ct_window: Sequence[float] | None = None,
-    xray_spacing: float | None = None,
-    xray_short_side: int | None = None,
-) -> ModalityPreprocess:
-    """The preprocessing of embedding: the encoder's (or the defaults) with any setting replaced.
-
-    ``xray_spacing`` (mm pixels) and ``xray_short_side`` (pixels) are alternatives: give at most one.
-    """
-    base = preprocess if preprocess is not None else ModalityPreprocess()
-    if not isinstance(base, ModalityPreprocess):
-        raise TypeError(f"preprocess must be an mmv.data.ModalityPreprocess or None, got {type(base).__name__}")
-    if xray_spacing is not None and xray_short_side is not None:
-        raise ValueError("give at most one of xray_spacing and xray_short_side")
-    ct, xray = base.ct, base.xray
-    if ct_spacing is not None:
-        ct = dataclasses.replace(ct, spacing=tuple(ct_spacing))
-    if ct_window is not None:
-        ct = dataclasses.replace(ct, window=tuple(ct_window))
-    if xray_spacing is not None:
-        xray = dataclasses.replace(xray, short_side=None, spacing=(float(xray_spacing),) * 2)
-    if xray_short_side is not None:
-        xray = dataclasses.replace(xray, short_side=xray_short_side, spacing=None)
-    return ModalityPreprocess(ct, xray)
-
-
-def _weights_digest(encoder: Encoder) -> str:
-    """SHA-256 of the encoder's weights (names, dtypes, shapes and bytes), whatever file they came from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+# The run
 
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists), so settings compare equal after a round trip."""
     return json.loads(json.dumps(value))
-
-
-# --------------------------------------------------------------------------------------------------
-# The run
 
 
 @dataclass(frozen=True)
@@ -534,7 +370,7 @@ def run_embed(
     index = _feature_index(images, dataset)
     settings = _plain(
         {
-            "weights_sha256": _weights_digest(encoder),
+            "weights_sha256": weights_digest(encoder),
             "encoder_config": encoder.config.to_dict(),
             "preprocess": transform.to_dict(),
             "bf16": bf16,

@@ -6,7 +6,7 @@ from mmv.data.cache import PreprocessCache
 from mmv.data.dataset_spec import DatasetSpec, open_dataset
 from mmv.data.datasets import MixedDataset
 from mmv.data.preprocess import CtPreprocess, ModalityPreprocess, XrayPreprocess
-from mmv.train_config import DataConfig
+from mmv.train.config import DataConfig
 
 __all__ = ["ModalityPreprocess", "modality_preprocess", "build_pretraining_sources"]
 
