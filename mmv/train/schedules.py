@@ -43,14 +43,14 @@ def warmup_cosine_schedule(step: int, total_steps: int, peak: float, final: floa
     return cosine_schedule(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 
-def teacher_momentum(step: int, total_steps: int, base: float = 0.992, final: float = 1.0) -> float:
+def teacher_momentum(step: int, total_steps: int, base: float, final: float) -> float:
     """EMA momentum at ``step``: ``base`` rising to ``final`` on a half cosine over ``total_steps``."""
     if not 0.0 <= base <= final <= 1.0:
         raise ValueError(f"teacher_momentum: need 0 <= base <= final <= 1, got base={base}, final={final}")
     return cosine_schedule(step, total_steps, base, final)
 
 
-def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
+def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) -> float:
     """Teacher softmax temperature: ``start`` warmed linearly to ``end`` over ``warmup_steps``."""
     if not (start > 0 and end > 0):
         raise ValueError(f"teacher_temperature: temperatures must be positive, got start={start}, end={end}")
