@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers.training import SyntheticImages, tiny_config
 
 from mmv.ssl.objective import LOSS_NAMES, SslObjective, StepLosses
 from mmv.train import Trainer
 from mmv.train.config import PretrainConfig, SslConfig
-
-from train_helpers import SyntheticImages, tiny_config
 
 
 @pytest.fixture(autouse=True)
