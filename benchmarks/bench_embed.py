@@ -37,13 +37,16 @@ from pathlib import Path
 
 import torch
 
+from mmv.data.dataset_spec import DatasetSpec, open_dataset
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.data.phantom import PhantomSettings, write_phantom_dataset
-from mmv.eval.embed import DatasetSpec, embed_preprocess, open_dataset, run_embed
+from mmv.eval.embed import run_embed
+from mmv.eval.encoders import embed_preprocess
 from mmv.model.encoder import Encoder
 
 CT_SPACING_MM = 4.0
 XRAY_SHORT_SIDE = 224
-MODALITIES = {"X-ray": "DX", "CT": "CT"}
+MODALITIES = {"X-ray": XRAY_MODALITY, "CT": CT_MODALITY}
 
 
 def split_manifest(manifest: Path) -> dict[str, Path]:
@@ -133,7 +136,7 @@ def main() -> None:
         torch.manual_seed(0)
         encoder = Encoder.from_preset(args.preset).to(device).eval()
         datasets = {
-            name: open_dataset(DatasetSpec("manifest", path), transform=embed_preprocess(**preprocess)).dataset
+            name: open_dataset(DatasetSpec("manifest", path), transform=embed_preprocess(**preprocess))
             for name, path in manifests.items()
         }
         for dataset in datasets.values():

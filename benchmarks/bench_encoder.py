@@ -4,10 +4,11 @@ Workload (docs/design.md, the standard mixed batch): 24 chest X-rays of 224 x 22
 192^3 voxels, cut into 16-pixel patches: 24 sequences of 196 + 1 CLS tokens and 2 of 1728 + 1.
 
 - packed: ``mmv.Encoder`` as it is: one token stream, ``packed_attention`` within each image.
-- padded: the same weights and the same embedding, but every sequence padded to the longest one and
-  attention by ``torch.nn.functional.scaled_dot_product_attention`` with a key-padding mask, which is
-  what a timm or MONAI ViT does with images of different sizes. Its RoPE is mmv's own ``rope3d``
-  kernel, so the comparison isolates packing from the rotary implementation.
+- padded: the same weights (patch embedding, prefix tokens, blocks, final norm, all public attributes
+  of the encoder), but every sequence padded to the longest one: patches are embedded straight into a
+  ``(B, L_max, C)`` tensor, and attention is ``torch.nn.functional.scaled_dot_product_attention`` with a
+  key-padding mask, which is what a timm or MONAI ViT does with images of different sizes. Its RoPE is
+  mmv's own ``rope3d`` kernel, so the comparison isolates packing from the rotary implementation.
 
 Both run forward (under ``torch.no_grad``) and forward + backward, in float32 and under bfloat16
 autocast. Throughput counts useful tokens only (patch + CLS tokens, never padding). Each case runs
@@ -53,32 +54,50 @@ def mixed_workload(num_xrays: int, num_cts: int, patch_size, seed: int = 0) -> P
 
 
 class PaddedRunner:
-    """Runs an :class:`Encoder`'s blocks on its token stream padded to ``(B, L_max, C)`` with SDPA."""
+    """Runs an :class:`Encoder`'s weights on its batch padded to ``(B, L_max, C)``, attention by SDPA."""
 
     def __init__(self, encoder: Encoder, batch: PackedBatch) -> None:
         self.encoder = encoder
         self.batch = batch
-        lengths = [n + encoder.num_prefix_tokens for n in batch.lengths]
+        num_prefix = encoder.num_prefix_tokens
+        lengths = [n + num_prefix for n in batch.lengths]
         self.num_images, self.max_length = len(lengths), max(lengths)
-        rows = [b * self.max_length + i for b, n in enumerate(lengths) for i in range(n)]
-        self.padded_rows = torch.tensor(rows)
+        # The padded row of every prefix token, and of every patch token in packed order.
+        starts = [b * self.max_length for b in range(self.num_images)]
+        self.prefix_rows = torch.tensor([start + j for start in starts for j in range(num_prefix)], dtype=torch.int64)
+        self.patch_rows = torch.tensor(
+            [start + num_prefix + i for start, n in zip(starts, batch.lengths) for i in range(n)], dtype=torch.int64
+        )
         valid = torch.zeros(self.num_images * self.max_length, dtype=torch.bool)
-        valid[self.padded_rows] = True
+        valid[self.prefix_rows] = True
+        valid[self.patch_rows] = True
         self.key_mask = valid.view(self.num_images, 1, 1, self.max_length)
+        is_patch = torch.zeros(self.num_images * self.max_length)
+        is_patch[self.patch_rows] = 1.0
+        self.patch_weights = is_patch.view(self.num_images, self.max_length, 1)
+        self.patch_counts = torch.tensor(batch.lengths, dtype=torch.float32)[:, None]
 
     def __call__(self):
         encoder, batch = self.encoder, self.batch
-        x, context, layout = encoder._embed(
-            batch.patches_2d, batch.patches_3d, batch.rows_2d, batch.rows_3d, batch.coords_mm,
-            batch.cu_seqlens, batch.max_seqlen, False, None,
-        )
-        padded = x.new_zeros(self.num_images * self.max_length, x.shape[1]).index_copy(0, self.padded_rows, x)
-        coords = context.coords.new_zeros(padded.shape[0], 3).index_copy(0, self.padded_rows, context.coords)
+        embedded_2d, embedded_3d = encoder.patch_embed(batch.patches_2d, batch.patches_3d)
+        embedded = torch.cat((embedded_2d, embedded_3d))
+        prefix = encoder.cls_token
+        if encoder.register_tokens is not None:
+            prefix = torch.cat((prefix, encoder.register_tokens))
+        prefix = prefix.to(embedded.dtype).repeat(self.num_images, 1)
+        rows = torch.cat((self.patch_rows[torch.cat((batch.rows_2d, batch.rows_3d))], self.prefix_rows))
+        padded = embedded.new_zeros(self.num_images * self.max_length, embedded.shape[1])
+        padded = padded.index_copy(0, rows, torch.cat((embedded, prefix)))
+        coords = batch.coords_mm.new_zeros(padded.shape[0], 3)
+        coords = coords.index_copy(0, self.patch_rows, batch.coords_mm / encoder.config.coordinate_unit_mm)
         padded = padded.view(self.num_images, self.max_length, -1)
         for block in encoder.blocks:
-            padded = self._block(block, padded, coords, context.freqs, context.sections)
-        x = encoder.norm(padded).reshape(-1, padded.shape[-1])[self.padded_rows]
-        return encoder._readout(x, layout, batch.cu_seqlens)
+            padded = self._block(block, padded, coords, encoder.rope_freqs, encoder.config.rope_sections)
+        padded = encoder.norm(padded)
+        num_prefix = encoder.num_prefix_tokens
+        patch_tokens = padded.reshape(-1, padded.shape[-1])[self.patch_rows]
+        pooled = (padded * self.patch_weights.to(padded.dtype)).sum(dim=1) / self.patch_counts.to(padded.dtype)
+        return padded[:, 0], padded[:, 1:num_prefix], patch_tokens, pooled
 
     def _block(self, block, x, coords, freqs, sections):
         batch_size, length, dim = x.shape

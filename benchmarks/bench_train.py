@@ -24,8 +24,7 @@ import torch
 
 from mmv.data.datasets import Sample
 from mmv.image import Image
-from mmv.train import Trainer
-from mmv.train_config import PretrainConfig
+from mmv.train import PretrainConfig, Trainer
 
 
 class MixedImages(torch.utils.data.Dataset):
@@ -65,7 +64,7 @@ def _config(preset: str, steps: int, bf16: bool, device: str, out_dir: str) -> P
 
 
 def _encoder_baseline(trainer: Trainer, steps: int) -> float:
-    batches = trainer._batches()
+    batches = trainer.batches()
     encoder = trainer.student.encoder
     tokens, elapsed = 0, 0.0
     for step in range(steps + 1):

@@ -39,10 +39,11 @@ import torch
 import mmv
 import mmv.data.datasets as datasets_module
 from mmv.data import ImageInfo
+from mmv.data.dataset_spec import DatasetSpec
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, generate_phantom, radiograph
 from mmv.demo import DemoSettings, demo_config
 from mmv.eval import read_feature_table
-from mmv.eval.embed import DatasetSpec, run_embed
+from mmv.eval.embed import run_embed
 from mmv.train import Trainer
 
 XRAY_SIDE, CT_SIDE = 224, 192

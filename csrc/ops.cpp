@@ -25,12 +25,13 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(mmv, m) {
   m.def("rope3d(Tensor x, Tensor coords, Tensor freqs, int[] sections, bool interleaved=False) -> Tensor");
   // validate: check the values of cu_seqlens (a host copy on GPUs). deterministic is only read by
-  // the backward, which autograd gives the forward's arguments.
+  // the backward, which autograd gives the forward's arguments. max_seqlen is a SymInt so that
+  // torch.compile keeps it symbolic (the kernels take it as int64_t, which the dispatcher allows).
   m.def(
-      "packed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
+      "packed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, "
       "bool validate=True, bool deterministic=False) -> (Tensor out, Tensor lse)");
   m.def(
       "packed_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor cu_seqlens, int max_seqlen, float scale, bool validate=True, bool deterministic=False) "
+      "Tensor cu_seqlens, SymInt max_seqlen, float scale, bool validate=True, bool deterministic=False) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
 }

@@ -1,7 +1,7 @@
 """The ``mmv`` command.
 
 ``mmv pretrain --config run.toml [--set section.key=value ...] [--resume]``
-    self-supervised pretraining (see :mod:`mmv.train` and :mod:`mmv.train_config`); under ``torchrun``
+    self-supervised pretraining (see :mod:`mmv.train` and :mod:`mmv.train.config`); under ``torchrun``
     it trains with DDP (``torchrun --nproc_per_node 2 -m mmv.cli pretrain ...``).
 ``mmv phantom --out DIR [--count N] [--seed S] [--workers N]``
     writes a phantom data set (:mod:`mmv.data.phantom`).
@@ -127,7 +127,7 @@ def _demo_arguments(demo: argparse.ArgumentParser) -> None:
 
 
 def _embed_arguments(embed: argparse.ArgumentParser) -> None:
-    from mmv.eval.embed import DATASET_KINDS
+    from mmv.data.dataset_spec import DATASET_KINDS
 
     embed.add_argument(
         "checkpoints", nargs="+", metavar="CHECKPOINT",
@@ -213,7 +213,7 @@ def _analyze_arguments(analyze: argparse.ArgumentParser) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from mmv.train_config import load_config
+    from mmv.train.config import load_config
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
@@ -253,7 +253,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from mmv.eval.embed import RUN_FILE, DatasetSpec, run_embed, run_embed_encoders
+    from mmv.data.dataset_spec import DatasetSpec
+    from mmv.eval.embed import RUN_FILE, run_embed, run_embed_encoders
 
     if len(args.checkpoints) > 1 and len(args.names or ()) != len(args.checkpoints):
         raise ValueError(

@@ -3,7 +3,7 @@
 1. Writes a phantom data set (:mod:`mmv.data.phantom`): one CT volume and one radiograph per phantom,
    five findings, train / val / test splits by phantom.
 2. Pretrains ``vit_tiny`` on the training phantoms' CTs and radiographs together, in mixed 2D/3D
-   token-budget batches, with the DINOv2 objective (:mod:`mmv.train`).
+   token-budget batches, with the DINOv2 objective (:mod:`mmv.train`, :mod:`mmv.ssl.objective`).
 3. Embeds every image of the phantom manifest with the pretrained (teacher) encoder and with the same
    encoder before pretraining (its random initialisation), as ``mmv embed`` does: one embed run for both
    encoders, each image read once (:func:`mmv.eval.embed.run_embed_encoders`), a feature table each.
@@ -30,15 +30,16 @@ from typing import Any
 
 import torch
 
+from mmv.data.dataset_spec import DatasetSpec
 from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
 from mmv.eval.commands import ProbeRun, compare_probe_runs, run_probe
-from mmv.eval.embed import ARRAY_NAMES, DatasetSpec, run_embed_encoders
+from mmv.eval.embed import ARRAY_NAMES, run_embed_encoders
 from mmv.eval.report import plot_auroc_comparison
 from mmv.model.encoder import Encoder
-from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
-from mmv.train import Trainer
-from mmv.train_config import PretrainConfig, apply_overrides
+from mmv.train.config import PretrainConfig, apply_overrides
+from mmv.train.sources import build_pretraining_sources, modality_preprocess
+from mmv.train.trainer import Trainer
 
 __all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo"]
 

@@ -14,23 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import torch
 
 from mmv.ops.checks import check_cu_seqlens_values
 from mmv.tokenizer import PatchSize, TokenizedImage, check_patch_size
 
-__all__ = [
-    "PackedBatch",
-    "PrefixLayout",
-    "pack",
-    "unpack",
-    "cu_seqlens_from_lengths",
-    "prefix_layout",
-    "permute_rows",
-    "inverse_permutation",
-]
+__all__ = ["PackedBatch", "pack", "unpack", "cu_seqlens_from_lengths"]
 
 _TENSOR_FIELDS = ("patches_2d", "patches_3d", "rows_2d", "rows_3d", "coords_mm", "cu_seqlens", "kept_indices")
 
@@ -332,69 +322,3 @@ def unpack(batch: PackedBatch, features: torch.Tensor) -> list[torch.Tensor]:
         grid[kept] = image_features
         grids.append(grid.reshape(*(shape if is_3d else shape[1:]), *features.shape[1:]))
     return grids
-
-
-class PrefixLayout(NamedTuple):
-    """Where rows go once ``num_prefix`` tokens (CLS, registers) open every sequence.
-
-    Attributes:
-        cu_seqlens: int32 ``(B + 1,)`` of the longer sequences.
-        max_seqlen: the longer sequences' length bound.
-        patch_rows: int64 ``(T,)``: the new row of each patch token.
-        prefix_rows: int64 ``(B, num_prefix)``: the rows of each sequence's prefix tokens.
-        sequence_ids: int64 ``(T + B * num_prefix,)``: the sequence of every row of the new stream.
-    """
-
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    patch_rows: torch.Tensor
-    prefix_rows: torch.Tensor
-    sequence_ids: torch.Tensor
-
-
-def prefix_layout(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int, num_prefix: int) -> PrefixLayout:
-    """The packed layout after prepending ``num_prefix`` tokens to each of the sequences of ``cu_seqlens``.
-
-    ``num_tokens`` is the stream length (``cu_seqlens[-1]``, given as an int to avoid a host sync).
-    Only tensor arithmetic of static shape, so it compiles; offsets that were valid stay valid.
-    """
-    device = cu_seqlens.device
-    num_sequences = cu_seqlens.shape[0] - 1
-    starts = cu_seqlens.long()
-    new_starts = starts + torch.arange(num_sequences + 1, device=device) * num_prefix
-    token_index = torch.arange(num_tokens, device=device)
-    token_sequence = torch.searchsorted(starts[1:], token_index, right=True)
-    patch_rows = token_index + (token_sequence + 1) * num_prefix
-    prefix_rows = new_starts[:-1, None] + torch.arange(num_prefix, device=device)
-    row_index = torch.arange(num_tokens + num_sequences * num_prefix, device=device)
-    sequence_ids = torch.searchsorted(new_starts[1:], row_index, right=True)
-    return PrefixLayout(new_starts.int(), int(max_seqlen) + num_prefix, patch_rows, prefix_rows, sequence_ids)
-
-
-def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    """The permutation ``inverse`` with ``inverse[order[i]] = i`` (``order`` a permutation of 0..N-1)."""
-    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-
-
-class _PermuteRows(torch.autograd.Function):
-    @staticmethod
-    def forward(rows, order, inverse):
-        return rows.index_select(0, order)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """``rows[order]`` for a permutation ``order`` whose inverse is ``inverse``, differentiably.
-
-    The gradient is gathered through ``inverse`` instead of scattered with accumulation, which on the
-    CPU is several times slower for a stream of tokens.
-    """
-    return _PermuteRows.apply(rows, order, inverse)

@@ -21,7 +21,22 @@ from dataclasses import dataclass
 import emulated_cuda
 import pytest
 import torch
-from conftest import (
+from helpers.attention_reference import (
+    check_non_finite_against_reference,
+    reference_float64,
+    reference_gradients_float64,
+)
+from helpers.bad_inputs import (
+    ATTENTION_BAD_INPUTS,
+    BACKWARD_BAD_INPUTS,
+    ROPE_BAD_INPUTS,
+    assert_names_argument,
+    backward_inputs,
+    kernel_scalars,
+    valid_attention_args,
+    valid_rope_args,
+)
+from helpers.op_inputs import (
     LAYOUTS,
     LOW_AND_SINGLE_PRECISION,
     OP_SETTINGS,
@@ -33,22 +48,11 @@ from conftest import (
     make_token_head_tensors,
     non_finite_attention_problems,
     random_coords,
+    rope_problems,
     seeds,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_op_errors import (
-    ATTENTION_BAD_INPUTS,
-    BACKWARD_BAD_INPUTS,
-    ROPE_BAD_INPUTS,
-    assert_names_argument,
-    backward_inputs,
-    kernel_scalars,
-    valid_attention_args,
-    valid_rope_args,
-)
-from test_packed_attention import check_non_finite_against_reference, reference_float64, reference_gradients_float64
-from test_rope3d import rope_problems
 
 from mmv.ops import has_kernel, packed_attention, reference, rope3d, rope_freqs
 

@@ -25,7 +25,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword  # noqa: E402
 from pydicom.dataelem import RawDataElement  # noqa: E402
 from pydicom.tag import Tag  # noqa: E402
 
-from mmv.data import ImageReadError, Manifest, read_image, read_image_info  # noqa: E402
+from mmv.data import ImageReadError, read_image, read_image_info  # noqa: E402
 from mmv.data.io import SPACING_RANGE_MM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

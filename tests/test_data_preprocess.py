@@ -203,8 +203,8 @@ def test_resample_rejects_bad_spacing():
 
 def test_one_set_of_defaults_for_the_pipelines_the_trainer_and_a_new_encoder():
     from mmv import Encoder
-    from mmv.pretrain_data import modality_preprocess
-    from mmv.train_config import DataConfig
+    from mmv.train.config import DataConfig
+    from mmv.train.sources import modality_preprocess
 
     defaults = ModalityPreprocess()
     assert defaults == ModalityPreprocess(CtPreprocess(), XrayPreprocess())

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
 from mmv.demo import DemoSettings, demo_config, initial_encoder, run_demo
 from mmv.eval.features import read_feature_table
-from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
+from mmv.train.sources import build_pretraining_sources, modality_preprocess
 from mmv.train import Trainer
 
 TINY = DemoSettings(num_phantoms=16, steps=2, max_tokens=800, ct_spacing=10.0, xray_spacing=5.0, threads=1)
@@ -55,7 +56,7 @@ def test_demo_writes_both_encoders_results_per_modality(tmp_path):
     assert records["ssl"]["checkpoint"] == str(tmp_path / "pretrain" / "encoder")
     assert records["ssl"]["settings"]["preprocess"] == records["random"]["settings"]["preprocess"]
     assert records["ssl"]["settings"]["weights_sha256"] != records["random"]["settings"]["weights_sha256"]
-    for modality, tag in (("xray", "DX"), ("ct", "CT")):
+    for modality, tag in (("xray", XRAY_MODALITY), ("ct", CT_MODALITY)):
         for encoder in ("ssl", "random"):
             report = json.loads((tmp_path / "probes" / encoder / f"manifest_{tag}.json").read_text())
             assert report["array"] == "cls+patch_mean" and report["modality"] == tag

@@ -483,13 +483,13 @@ def test_a_huge_config_file_is_not_read(tmp_path):
 
 def test_one_checkpoint_error_class_for_training_checkpoints_and_encoder_directories(tmp_path):
     import mmv
-    import mmv.checkpoint
+    import mmv.train.checkpoint
 
-    assert mmv.CheckpointError is CheckpointError is mmv.checkpoint.CheckpointError
+    assert mmv.CheckpointError is CheckpointError is mmv.train.checkpoint.CheckpointError
     broken = tmp_path / "step_00000001.pt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(mmv.CheckpointError, match="step_00000001.pt"):
-        mmv.checkpoint.load_checkpoint(broken)
+        mmv.train.checkpoint.load_checkpoint(broken)
 
 
 def test_a_full_disk_while_saving_says_so_and_leaves_the_old_files(tmp_path, monkeypatch):
@@ -588,3 +588,24 @@ def test_torch_compile_traces_the_encoder_with_the_ops_fake_kernels():
 @pytest.mark.slow
 def test_torch_compile_with_inductor_matches_eager():
     _compiled_matches_eager("inductor", check_another_batch=True)
+
+
+def test_torch_compile_with_dynamic_sizes_encodes_other_numbers_of_images_and_tokens_without_compiling_again():
+    torch._dynamo.reset()
+    encoder = tiny_encoder(depth=1)
+    images = mixed_images()
+    more_xrays = [Image(torch.randn(8, 16), (1.0, 1.0), "DX"), Image(torch.randn(16, 16), (0.5, 0.7), "DX")]
+    longer_xray = Image(torch.randn(40, 40), (1.0, 1.0), "DX")
+    first = pack([encoder.tokenizer(image) for image in images])
+    same_longest = pack([encoder.tokenizer(image) for image in images[1:] + more_xrays * 2])
+    new_longest = pack([encoder.tokenizer(image) for image in [*images, longer_xray]])
+    assert same_longest.max_seqlen == first.max_seqlen and new_longest.max_seqlen != first.max_seqlen
+    assert len({(b.num_images, b.num_tokens) for b in (first, same_longest, new_longest)}) == 3
+    compiled = torch.compile(encoder, backend="aot_eager", dynamic=True)
+    close(compiled(first).cls, encoder(first).cls, atol=1e-6)
+    for batch in (same_longest, new_longest):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = compiled(batch)
+        reference = encoder(batch)
+        for name in ("cls", "registers", "patch_tokens", "pooled"):
+            close(getattr(out, name), getattr(reference, name), atol=1e-6)

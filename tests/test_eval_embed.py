@@ -7,28 +7,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers.training import SyntheticImages, tiny_config
 
+from mmv.cli import build_parser, main
 from mmv.data import ModalityPreprocess
-from mmv.data.datasets import CHEXPERT_LABELS
+from mmv.data.dataset_spec import DatasetSpec, open_dataset
+from mmv.data.datasets import CHEXPERT_LABELS, Manifest
 from mmv.data.io import ImageReadError
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
-from mmv.cli import build_parser, main
-from mmv.data.datasets import Manifest
-from mmv.eval.embed import (
-    ARRAY_NAMES,
-    RUN_FILE,
-    DatasetSpec,
-    embed_preprocess,
-    load_encoder,
-    open_dataset,
-    run_embed,
-    run_embed_encoders,
-)
+from mmv.eval.embed import ARRAY_NAMES, RUN_FILE, run_embed, run_embed_encoders
+from mmv.eval.encoders import embed_preprocess, load_encoder
 from mmv.eval.features import FeatureTableError, read_feature_table
 from mmv.model import CheckpointError, Encoder, EncoderConfig, MissingPreprocessWarning
 from mmv.train import Trainer
-
-from train_helpers import SyntheticImages, tiny_config
 
 # Phantoms at their coarsest: a CT of 20 x 22 x 22 voxels (45 tokens) and a radiograph of 40 x 44
 # pixels (30 tokens) each; preprocessing at the same spacings leaves their sizes as they are.
@@ -94,10 +85,10 @@ def test_packed_features_equal_those_of_each_image_encoded_alone(manifest, tmp_p
     embed(encoder, manifest, tmp_path / "features", max_tokens=90)
     cls = read_feature_table(tmp_path / "features", "cls")
     pooled = read_feature_table(tmp_path / "features", "patch_mean")
-    opened = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
+    dataset = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
     with torch.no_grad():
-        for row in range(len(opened.dataset)):
-            out = encoder([opened.dataset[row].image])
+        for row in range(len(dataset)):
+            out = encoder([dataset[row].image])
             np.testing.assert_allclose(cls.features[row], out.cls[0].numpy(), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(pooled.features[row], out.pooled[0].numpy(), rtol=1e-5, atol=1e-6)
 
@@ -174,10 +165,9 @@ def test_unreadable_image_is_left_out_with_skip_and_stops_the_run_otherwise(mani
 
 def test_manifest_split_selects_rows(manifest, manifest_rows):
     split = manifest_rows[0]["split"]
-    opened = open_dataset(DatasetSpec("manifest", manifest, splits=(split,)))
-    index = opened.index()
-    assert index.ids == tuple(row["id"] for row in manifest_rows if row["split"] == split)
-    assert set(index.splits) == {split}
+    records = open_dataset(DatasetSpec("manifest", manifest, splits=(split,))).records
+    assert [record.id for record in records] == [row["id"] for row in manifest_rows if row["split"] == split]
+    assert {record.split for record in records} == {split}
     with pytest.raises(ValueError, match="no rows with split"):
         open_dataset(DatasetSpec("manifest", manifest, splits=("nonexistent",)))
 
@@ -301,12 +291,12 @@ def test_several_encoders_read_each_image_once_and_write_what_separate_runs_writ
     runs = run_embed_encoders(
         encoders, DatasetSpec("manifest", manifest), tmp_path / "together", max_tokens=90, progress=False, **PREPROCESS
     )
-    ids = open_dataset(DatasetSpec("manifest", manifest)).index().ids
+    ids = [record.id for record in open_dataset(DatasetSpec("manifest", manifest)).records]
     assert sorted(reads) == sorted(ids)
     monkeypatch.setattr(Manifest, "__getitem__", original_getitem)
 
     assert list(runs) == ["first", "second"]
-    opened = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
+    dataset = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
     for name, encoder in encoders.items():
         assert runs[name].directory == tmp_path / "together" / name
         assert runs[name].encoded == runs[name].num_rows == 2 * NUM_PHANTOMS
@@ -318,8 +308,8 @@ def test_several_encoders_read_each_image_once_and_write_what_separate_runs_writ
             np.testing.assert_array_equal(together.features, alone.features)
         cls = read_feature_table(tmp_path / "together" / name, "cls").features
         with torch.no_grad():
-            for row in range(len(opened.dataset)):
-                out = encoder([opened.dataset[row].image])
+            for row in range(len(dataset)):
+                out = encoder([dataset[row].image])
                 np.testing.assert_allclose(cls[row], out.cls[0].numpy(), rtol=1e-4, atol=1e-4)
     first = read_feature_table(tmp_path / "together" / "first").features
     assert not np.allclose(first, read_feature_table(tmp_path / "together" / "second").features)
@@ -408,21 +398,22 @@ def write_chexpert_tables(root):
 
 def test_named_data_set_embeds_every_split_with_patient_groups(tmp_path):
     write_chexpert_tables(tmp_path)
-    index = open_dataset(DatasetSpec("chexpert", tmp_path)).index()
+    dataset = open_dataset(DatasetSpec("chexpert", tmp_path))
+    records = dataset.records
 
-    assert [row_id.split("/", 2)[2] for row_id in index.ids] == [
+    assert [record.id.split("/", 2)[2] for record in records] == [
         "patient00007/study1/view1_frontal.jpg",
         "patient00007/study2/view1_frontal.jpg",
         "patient00003/study1/view1_frontal.jpg",
         "patient64541/study1/view1_frontal.jpg",
     ]
-    assert index.splits == ("train", "train", "train", "val")
+    assert [record.split for record in records] == ["train", "train", "train", "val"]
     # Patients are numbered within the table; their own numbers are not stored.
-    assert index.groups == ("patient_000001", "patient_000001", "patient_000002", "patient_000003")
-    column = index.label_names.index("Cardiomegaly")
+    assert [record.group for record in records] == ["patient_000001", "patient_000001", "patient_000002", "patient_000003"]
+    column = dataset.label_names.index("Cardiomegaly")
     # Uncertain (-1) and blank cells are unknown.
-    np.testing.assert_array_equal(index.labels[:, column], [np.nan, np.nan, 0.0, 1.0])
-    assert open_dataset(DatasetSpec("chexpert", tmp_path, splits="valid")).index().splits == ("val",)
+    np.testing.assert_array_equal([record.labels[column] for record in records], [np.nan, np.nan, 0.0, 1.0])
+    assert [record.split for record in open_dataset(DatasetSpec("chexpert", tmp_path, splits="valid")).records] == ["val"]
 
 
 def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
@@ -459,13 +450,13 @@ def test_bad_arguments_raise_errors_naming_them(manifest, tmp_path):
     ],
 )
 def test_a_hostile_run_config_in_a_training_checkpoint_raises_before_any_model_is_built(tmp_path, monkeypatch, config_text):
-    from mmv.checkpoint import save_checkpoint
+    from mmv.train.checkpoint import TRAINING_CHECKPOINT_FORMAT, save_checkpoint
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from an unchecked config")
 
     monkeypatch.setattr(Encoder, "__init__", no_model)
-    state = {"format": "mmv-pretrain-checkpoint", "teacher": {}, "config": config_text}
+    state = {"format": TRAINING_CHECKPOINT_FORMAT, "teacher": {}, "config": config_text}
     path = save_checkpoint(tmp_path, 1, state)
     with pytest.raises(CheckpointError, match=f"{path}: .*(at most|nested too deeply)"):
         load_encoder(path)

@@ -8,7 +8,14 @@ import importlib
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_matches, cu_seqlens_of, generator_from, make_token_head_tensors, random_coords
+from helpers.op_inputs import (
+    TOLERANCES,
+    assert_matches,
+    cu_seqlens_of,
+    generator_from,
+    make_token_head_tensors,
+    random_coords,
+)
 
 import mmv.ops._kernels
 from mmv.ops import has_kernel, packed_attention, reference, rope3d, rope_freqs

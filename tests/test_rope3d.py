@@ -5,48 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from helpers.op_inputs import (
     LAYOUTS,
     LOW_AND_SINGLE_PRECISION,
     OP_SETTINGS,
     TOLERANCES,
     assert_matches,
-    dtypes,
     generator_from,
-    layouts,
     make_token_head_tensors,
     random_coords,
     rope_head_dims,
-    rope_sections,
+    rope_problems,
     seeds,
 )
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mmv.ops import has_kernel, reference, rope3d, rope_freqs
-
-
-@st.composite
-def rope_problems(draw, dtype_strategy=dtypes):
-    """Inputs of one rope3d call: x in some layout, coordinates in millimetres, frequencies, sections."""
-    head_dim = draw(rope_head_dims)
-    num_pairs = head_dim // 2
-    sections = draw(rope_sections(num_pairs))
-    num_tokens = draw(st.one_of(st.just(0), st.just(1), st.integers(2, 48)))
-    num_heads = draw(st.integers(1, 4))
-    dtype = draw(dtype_strategy)
-    layout = draw(layouts)
-    generator = generator_from(draw(seeds))
-    (x,) = make_token_head_tensors(1, num_tokens, num_heads, head_dim, dtype, layout, generator)
-    # Coordinates in mm reach hundreds of radians at frequency 1; random frequencies include negative
-    # ones and ones that are not of the default geometric form.
-    coords = random_coords(num_tokens, generator)
-    if draw(st.booleans()):
-        freqs = rope_freqs(head_dim, sections, base=draw(st.sampled_from([10.0, 100.0, 10000.0])))
-    else:
-        freqs = (torch.rand(num_pairs, generator=generator) * 3 - 1.5).float()
-    interleaved = draw(st.booleans())
-    return x, coords, freqs, sections, interleaved
 
 
 def reference_float64(x, coords, freqs, sections, interleaved):

@@ -6,9 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from mmv.schedules import cosine_schedule, linear_warmup, warmup_cosine_schedule
 from mmv.ssl.heads import DinoHead
-from mmv.ssl.teacher import EmaTeacher, teacher_momentum, teacher_temperature
+from mmv.ssl.teacher import EmaTeacher
+from mmv.train.schedules import (
+    cosine_schedule,
+    linear_warmup,
+    teacher_momentum,
+    teacher_temperature,
+    warmup_cosine_schedule,
+)
 
 
 def test_head_scores_are_cosines_with_unit_prototypes_even_after_training():
@@ -48,9 +54,9 @@ def test_ema_update_and_frozen_eval_teacher():
 def test_schedules_endpoints():
     assert teacher_momentum(0, 100, 0.992, 1.0) == pytest.approx(0.992)
     assert teacher_momentum(100, 100, 0.992, 1.0) == pytest.approx(1.0)
-    assert teacher_temperature(0, 10) == pytest.approx(0.04)
-    assert teacher_temperature(5, 10) == pytest.approx(0.055)
-    assert teacher_temperature(50, 10) == pytest.approx(0.07)
+    assert teacher_temperature(0, 10, 0.04, 0.07) == pytest.approx(0.04)
+    assert teacher_temperature(5, 10, 0.04, 0.07) == pytest.approx(0.055)
+    assert teacher_temperature(50, 10, 0.04, 0.07) == pytest.approx(0.07)
     assert warmup_cosine_schedule(0, 100, 1.0, 0.0, 10) == 0.0
     assert warmup_cosine_schedule(10, 100, 1.0, 0.0, 10) == pytest.approx(1.0)
     assert warmup_cosine_schedule(55, 100, 1.0, 0.0, 10) == pytest.approx(0.5)

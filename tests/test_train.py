@@ -16,16 +16,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import SyntheticImages, tiny_config
 
+import mmv.train
 from mmv import files
-from mmv.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from mmv.model.checkpoint import CheckpointError
 from mmv.model.config import EncoderConfig
 from mmv.model.encoder import Encoder
-from mmv.pretrain_data import modality_preprocess
-from mmv.train import Trainer
-from mmv.train_config import ModelConfig, OptimConfig, PretrainConfig, RunSettings, apply_overrides, load_config
-
-from train_helpers import SyntheticImages, tiny_config
+from mmv.train import Trainer, encoder_from_checkpoint
+from mmv.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mmv.ssl.augment import CropSpec, MultiCrop
+from mmv.train.config import (
+    AugmentConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunSettings,
+    apply_overrides,
+    load_config,
+)
+from mmv.train.sources import modality_preprocess
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +141,23 @@ def test_a_warmup_longer_than_the_run_is_flagged_naming_both_keys():
         load_config(None, ["optim.steps=300"])
 
 
+def test_the_augment_section_takes_its_view_defaults_from_multicrop():
+    # One source of the defaults: a default [augment] section builds the default MultiCrop.
+    assert AugmentConfig().multicrop() == MultiCrop()
+    changed = AugmentConfig(
+        num_global=1, num_local=3, global_size_2d=[40, 48], global_size_3d=[8, 16, 24], local_size_2d=[8, 16],
+        local_size_3d=[4, 8, 12], global_scale=[0.5, 0.9], local_scale=[0.1, 0.2], aspect_ratio=[0.5, 2.0],
+        contrast=[0.7, 1.1], brightness=[-0.2, 0.3], blur_probability=0.25, blur_sigma_mm=[1.0, 2.0],
+        noise_probability=0.75, noise_std=[0.01, 0.02], flip_axes=["x"],
+    )
+    assert changed.multicrop() == MultiCrop(
+        global_crop=CropSpec((40, 48), (8, 16, 24), (0.5, 0.9), (0.5, 2.0)),
+        local_crop=CropSpec((8, 16), (4, 8, 12), (0.1, 0.2), (0.5, 2.0)),
+        num_global=1, num_local=3, contrast=(0.7, 1.1), brightness=(-0.2, 0.3), blur_probability=0.25,
+        blur_sigma_mm=(1.0, 2.0), noise_probability=0.75, noise_std=(0.01, 0.02), flip_axes=("x",),
+    )
+
+
 def test_checkpoints_keep_the_last_k_and_refuse_corrupt_files(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, {"step": step, "weights": torch.ones(2) * step}, keep=2)
@@ -183,6 +210,56 @@ def test_training_moves_the_weights_and_the_teacher_follows(tmp_path):
     assert any(not torch.equal(teacher_before[k], v) for k, v in trainer.teacher.state_dict().items())
 
 
+def _same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_encoder_from_checkpoint_gives_the_teacher_or_the_student_with_the_runs_preprocessing(tmp_path):
+    config = tiny_config(tmp_path, steps=2)
+    trainer = Trainer(config, dataset=SyntheticImages())
+    trainer.train()
+    path = tmp_path / "checkpoints" / "step_00000002.pt"
+    teacher = mmv.train.encoder_from_checkpoint(path)
+    assert isinstance(teacher, Encoder) and not teacher.training
+    assert _same_weights(teacher, Encoder.from_pretrained(tmp_path / "encoder"))  # what the finished run saved
+    assert teacher.preprocess == modality_preprocess(config.data)
+    student = encoder_from_checkpoint(path, which="student")
+    assert _same_weights(student, trainer.student.encoder) and not _same_weights(student, teacher)
+    assert student.preprocess == modality_preprocess(config.data)
+
+
+def test_encoder_from_checkpoint_refuses_a_bad_which_and_unusable_files(tmp_path):
+    with pytest.raises(ValueError, match="which must be 'teacher' or 'student', got 'ema'"):
+        encoder_from_checkpoint(tmp_path / "step_00000001.pt", which="ema")
+    with pytest.raises(ValueError, match="which must be 'teacher' or 'student', got \\['teacher'\\]"):
+        encoder_from_checkpoint(tmp_path / "step_00000001.pt", which=["teacher"])
+    with pytest.raises(FileNotFoundError, match="step_00000001.pt"):
+        encoder_from_checkpoint(tmp_path / "step_00000001.pt")
+    Trainer(tiny_config(tmp_path / "run", steps=2), dataset=SyntheticImages()).train()
+    path = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(truncated))}: cannot read the checkpoint") as error:
+        encoder_from_checkpoint(truncated)
+    assert error.value.path == str(truncated)
+    foreign = save_checkpoint(tmp_path / "foreign", 1, {"weights": torch.ones(2)})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(foreign))}: not an mmv pretraining checkpoint"):
+        encoder_from_checkpoint(foreign)
+    good = load_checkpoint(path)
+    without_cls = {name: tensor for name, tensor in good["student"].items() if not name.endswith("cls_token")}
+    damaged = save_checkpoint(tmp_path / "damaged", 2, {**good, "student": without_cls})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(damaged))}: .*missing \\['cls_token'\\]"):
+        encoder_from_checkpoint(damaged, which="student")
+    assert _same_weights(encoder_from_checkpoint(damaged), encoder_from_checkpoint(path))  # the teacher is whole
+    studentless = save_checkpoint(tmp_path / "studentless", 2, {k: v for k, v in good.items() if k != "student"})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(studentless))}: the checkpoint lacks \\['student'\\]"):
+        encoder_from_checkpoint(studentless, which="student")
+    unusable = save_checkpoint(tmp_path / "unusable", 2, {**good, "config": '{"model": {"preset": "vit_huge_x"}}'})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(unusable))}: its run config is unusable"):
+        encoder_from_checkpoint(unusable)
+
+
 # --------------------------------------------------------------------------------------------------
 # Damaged checkpoints, interrupted metrics, failing disks
 
@@ -224,7 +301,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_cuts_the_metrics_back(t
     if damage == "truncated":
         newest.write_bytes(data[: len(data) // 2])
     else:
-        cls_token = load_checkpoint(newest)["teacher"]["module.encoder.cls_token"].numpy().tobytes()
+        cls_token = encoder_from_checkpoint(newest, "teacher").cls_token.detach().numpy().tobytes()
         offset = data.find(cls_token)
         newest.write_bytes(data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :])
     with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as stream:
@@ -288,12 +365,12 @@ def test_a_checkpoint_that_does_not_fit_the_run_raises_a_checkpoint_error_naming
 
 
 def test_an_unwritable_out_dir_fails_before_data_and_model_set_up(tmp_path, monkeypatch):
-    import mmv.train
+    import mmv.train.trainer
 
     def no_set_up(*args, **kwargs):
         raise AssertionError("the model was set up before the output directory was checked")
 
-    monkeypatch.setattr(mmv.train, "Encoder", no_set_up)
+    monkeypatch.setattr(mmv.train.trainer, "Encoder", no_set_up)
     blocker = tmp_path / "a file"
     blocker.write_text("")
     with pytest.raises(OSError, match=f"run.out_dir: cannot write to {blocker / 'run'}"):
@@ -353,7 +430,7 @@ def test_checkpoints_are_fsynced_and_so_is_their_directory_after_the_rename(tmp_
 
 KILLED_WORKER = """
 import sys
-from train_helpers import SyntheticImages, tiny_config
+from helpers.training import SyntheticImages, tiny_config
 from mmv.train import Trainer
 
 Trainer(tiny_config(sys.argv[1], steps=6, run={"checkpoint_every": 1}), dataset=SyntheticImages()).train()

@@ -14,7 +14,7 @@ WORKER = """
 import hashlib, json, sys
 import torch
 import torch.distributed as dist
-from train_helpers import SyntheticImages, tiny_config
+from helpers.training import SyntheticImages, tiny_config
 from mmv.train import Trainer
 
 out = sys.argv[1]

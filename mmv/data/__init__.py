@@ -1,14 +1,18 @@
-"""Medical image data: ITK readers, preprocessing, datasets, a preprocessing cache and token-budget packing.
+"""Medical image data: ITK readers, preprocessing, datasets (opened by kind, path and splits), a preprocessing
+cache and token-budget packing.
 
 Importing this package is light: ITK is imported only when a file is first read.
 """
 
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import LabelledPackedBatch, PackedCollate
+from mmv.data.dataset_spec import DATASET_KINDS, DatasetSpec, open_dataset
 from mmv.data.datasets import (
     CHEXPERT_COMPETITION_LABELS,
     CHEXPERT_LABELS,
+    CT_MODALITY,
     CT_RATE_LABELS,
+    XRAY_MODALITY,
     CheXpert,
     CtRate,
     ImageRecord,
@@ -43,10 +47,14 @@ from mmv.data.tables import TableError, read_table
 __all__ = [
     "CHEXPERT_COMPETITION_LABELS",
     "CHEXPERT_LABELS",
+    "CT_MODALITY",
     "CT_RATE_LABELS",
+    "DATASET_KINDS",
+    "XRAY_MODALITY",
     "CheXpert",
     "CtPreprocess",
     "CtRate",
+    "DatasetSpec",
     "ImageInfo",
     "ImageReadError",
     "ImageRecord",
@@ -69,6 +77,7 @@ __all__ = [
     "inspect_nifti_header",
     "list_dicom_series",
     "normalize_xray",
+    "open_dataset",
     "read_image",
     "read_image_info",
     "resample_to_spacing",

@@ -5,17 +5,25 @@ float32 labels with NaN where unknown, an id and a modality tag) and can say how
 image will be before reading it, which the token-budget batch sampler needs. With ``on_error="skip"`` an
 unreadable file yields None instead of raising (the collate drops it), is logged once with its path and
 reason, and is counted in :attr:`LabelledImageDataset.skipped`; one bad file never ends a long run.
+
+Each record also knows its split and its group (the images of one patient or phantom);
+:meth:`LabelledImageDataset.subset`, :meth:`~LabelledImageDataset.concat` and
+:meth:`~LabelledImageDataset.map_records` make new data sets of the same class from a data set's records.
+The modality tags are :data:`XRAY_MODALITY` and :data:`CT_MODALITY`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import operator
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -38,10 +46,14 @@ __all__ = [
     "CHEXPERT_LABELS",
     "CHEXPERT_COMPETITION_LABELS",
     "CT_RATE_LABELS",
+    "CT_MODALITY",
+    "XRAY_MODALITY",
+    "MANIFEST_ROW_COLUMNS",
 ]
 
 logger = logging.getLogger(__name__)
 
+# The modality tags of radiographs and of CT, as DICOM's Modality attribute spells them.
 XRAY_MODALITY = "DX"
 CT_MODALITY = "CT"
 
@@ -90,7 +102,9 @@ NOMINAL_XRAY_SHORT_SIDE_MM = 350.0
 
 _UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 # Manifest columns that describe a row (its split of the data set, its group of related images), not label it.
-MANIFEST_ROW_COLUMNS = ("split", "group")
+MANIFEST_SPLIT_COLUMN = "split"
+MANIFEST_GROUP_COLUMN = "group"
+MANIFEST_ROW_COLUMNS = (MANIFEST_SPLIT_COLUMN, MANIFEST_GROUP_COLUMN)
 
 
 @dataclass
@@ -102,7 +116,7 @@ class Sample:
         labels: float32 ``(L,)``: 1 positive, 0 negative, NaN unknown (uncertain labels follow the dataset's
             policy).
         id: a dataset-specific identifier (DICOM id, relative path or volume name; never a patient name).
-        modality: ``"DX"`` for radiographs, ``"CT"`` for CT, or the manifest's value.
+        modality: :data:`XRAY_MODALITY` for radiographs, :data:`CT_MODALITY` for CT, or the manifest's value.
     """
 
     image: Image
@@ -123,6 +137,11 @@ class ImageRecord:
         info: raw shape and spacing when a metadata table gives them (saves reading headers).
         hu_scaling: (slope, intercept) to apply when the file itself carries no intensity scaling.
         spacing: spacing in mm (z, y, x) to use when the file itself carries none.
+        split: the data set's split the image belongs to, in the data set's own words (MIMIC-CXR's
+            ``validate``, a manifest's ``split`` cell); blank when unknown.
+        group: what ties the image to others of the same patient (or phantom): a manifest's ``group`` cell;
+            the patient's folder in the named data sets' layouts (which :func:`mmv.data.open_dataset`
+            replaces by a number, so that it is never written); blank when unknown.
     """
 
     path: Path
@@ -132,6 +151,11 @@ class ImageRecord:
     info: ImageInfo | None = None
     hu_scaling: tuple[float, float] | None = None
     spacing: tuple[float, ...] | None = None
+    split: str = ""
+    group: str = ""
+
+
+_Dataset = TypeVar("_Dataset", bound="LabelledImageDataset")
 
 
 class LabelledImageDataset(torch.utils.data.Dataset):
@@ -147,6 +171,9 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         on_error: ``"raise"`` or ``"skip"`` (yield None for unreadable files).
     """
 
+    # What two data sets must share to be concatenated.
+    _shared_settings: tuple[str, ...] = ("label_names", "transform", "cache", "on_error")
+
     def __init__(
         self,
         records: Sequence[ImageRecord],
@@ -161,13 +188,8 @@ class LabelledImageDataset(torch.utils.data.Dataset):
             raise TypeError(f"transform must be callable (Image -> Image) or None, got {type(transform).__name__}")
         if cache is not None and not isinstance(cache, PreprocessCache):
             raise TypeError(f"cache must be a PreprocessCache or None, got {type(cache).__name__}")
-        self.records = list(records)
         self.label_names = tuple(label_names)
-        for record in self.records:
-            if len(record.labels) != len(self.label_names):
-                raise ValueError(
-                    f"record {record.id!r} has {len(record.labels)} labels, expected {len(self.label_names)}"
-                )
+        self.records = self._checked(records)
         self.transform = transform
         self.cache = cache
         self.on_error = on_error
@@ -176,6 +198,86 @@ class LabelledImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def subset(self: _Dataset, selection: Sequence[int] | Callable[[ImageRecord], bool]) -> _Dataset:
+        """A data set of the same class over some of these records, with the same labels, transform, cache
+        and ``on_error``.
+
+        Args:
+            selection: record numbers (ints or NumPy integers, in the order wanted; negative numbers count
+                from the end), or a predicate ``ImageRecord -> bool`` keeping the records it accepts, in order.
+
+        Raises:
+            IndexError: a record number out of range.
+            TypeError: a selection that is neither.
+        """
+        if callable(selection):
+            return self._with_records([record for record in self.records if selection(record)])
+        if isinstance(selection, (str, bytes)) or not isinstance(selection, Iterable):
+            raise TypeError(
+                f"selection must be record numbers or a predicate ImageRecord -> bool, got {type(selection).__name__}"
+            )
+        records = []
+        for number in selection:
+            try:
+                if isinstance(number, bool):
+                    raise TypeError
+                position = operator.index(number)
+            except TypeError:
+                raise TypeError(f"selection must hold integer record numbers, got {number!r}") from None
+            if not -len(self.records) <= position < len(self.records):
+                raise IndexError(f"selection holds record number {position}, the data set has {len(self.records)}")
+            records.append(self.records[position])
+        return self._with_records(records)
+
+    def concat(self: _Dataset, *others: _Dataset) -> _Dataset:
+        """A data set of the same class holding these records, then those of each of ``others``.
+
+        Raises:
+            TypeError: another data set of another class.
+            ValueError: another data set with other label names, transform, cache or ``on_error`` (or, for
+                manifests, another id, split or group column).
+        """
+        for number, other in enumerate(others):
+            if type(other) is not type(self):
+                raise TypeError(
+                    f"others[{number}] must be a {type(self).__name__} like the data set it joins, "
+                    f"got {type(other).__name__}"
+                )
+            for setting in self._shared_settings:
+                mine, theirs = getattr(self, setting), getattr(other, setting)
+                if mine != theirs:
+                    raise ValueError(
+                        f"others[{number}] has {setting} {theirs!r}, the data set it joins {mine!r}: "
+                        "only data sets of the same settings concatenate"
+                    )
+        return self._with_records([record for dataset in (self, *others) for record in dataset.records])
+
+    def map_records(self: _Dataset, function: Callable[[ImageRecord], ImageRecord]) -> _Dataset:
+        """A data set of the same class whose records are ``function(record)`` of these, e.g.
+        ``dataset.map_records(lambda record: dataclasses.replace(record, group=""))``.
+
+        Raises:
+            ValueError: a new record with another number of labels.
+        """
+        return self._with_records([function(record) for record in self.records])
+
+    def _checked(self, records: Iterable[ImageRecord]) -> list[ImageRecord]:
+        records = list(records)
+        for record in records:
+            if len(record.labels) != len(self.label_names):
+                raise ValueError(
+                    f"record {record.id!r} has {len(record.labels)} labels, expected {len(self.label_names)}"
+                )
+        return records
+
+    def _with_records(self: _Dataset, records: Iterable[ImageRecord]) -> _Dataset:
+        # A copy keeps every setting of the subclass; only the records and the skip count are its own.
+        dataset = copy.copy(self)
+        dataset.records = self._checked(records)
+        dataset.skipped = 0
+        dataset._reported = set()
+        return dataset
 
     def __getitem__(self, index: int) -> Sample | None:
         record = self.records[index]
@@ -352,6 +454,8 @@ class MimicCxr(_RadiographDataset):
                     id=row["dicom_id"],
                     modality=XRAY_MODALITY,
                     info=ImageInfo(shape, _nominal_spacing(shape), XRAY_MODALITY),
+                    split=split,
+                    group=path.parent.parent.name,
                 )
             )
         super().__init__(records, CHEXPERT_LABELS, transform, cache, on_error)
@@ -362,6 +466,7 @@ class CheXpert(_RadiographDataset):
 
     The table's ``Path`` column starts with the dataset folder's name
     (``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``); it is resolved inside ``root``.
+    A record's split is the folder after the data set's (``train`` or ``valid``), its group the patient's.
 
     Args:
         root: the dataset folder holding the tables and ``train/`` / ``valid/``.
@@ -375,6 +480,8 @@ class CheXpert(_RadiographDataset):
     """
 
     COMPETITION_LABELS = CHEXPERT_COMPETITION_LABELS
+    # The splits, each listed in the table of its name (train.csv, valid.csv).
+    SPLITS = ("train", "valid")
 
     def __init__(
         self,
@@ -400,12 +507,15 @@ class CheXpert(_RadiographDataset):
             if frontal_only and row["Frontal/Lateral"].strip().lower() != "frontal":
                 continue
             relative = Path(row["Path"])
+            path = root.joinpath(*relative.parts[1:])
             records.append(
                 ImageRecord(
-                    path=root.joinpath(*relative.parts[1:]),
+                    path=path,
                     labels=tuple(_apply_policy(_label_value(row[name]), p) for name, p in zip(labels, policies)),
                     id=row["Path"],
                     modality=XRAY_MODALITY,
+                    split=relative.parts[1] if len(relative.parts) > 2 else "",
+                    group=path.parent.parent.name,
                 )
             )
         super().__init__(records, labels, transform, cache, on_error)
@@ -500,6 +610,8 @@ class CtRate(LabelledImageDataset):
                     info=ImageInfo(shape, spacing, CT_MODALITY),
                     hu_scaling=(float(row["RescaleSlope"]), float(row["RescaleIntercept"])),
                     spacing=spacing,
+                    split=split,
+                    group=path.parent.parent.name,
                 )
             )
         super().__init__(records, CT_RATE_LABELS, transform, cache, on_error)
@@ -528,19 +640,26 @@ class Manifest(LabelledImageDataset):
     """Any images listed in a CSV table with a path, a modality and label columns.
 
     Paths are relative to the table's folder unless absolute. Label cells are numbers or blank (NaN). The
-    table ``mmv phantom`` writes is one such manifest.
+    table ``mmv phantom`` writes is one such manifest. The optional columns ``split`` and ``group``
+    (:data:`MANIFEST_ROW_COLUMNS`) describe rows: each record's :attr:`~ImageRecord.split` and
+    :attr:`~ImageRecord.group` are their cells (blank without the column), and :meth:`in_splits` selects rows
+    by split. This class is the one reader of those columns.
 
     Args:
         csv: the table.
         path_column, modality_column: the columns holding the file (or DICOM directory) and the modality.
         label_columns: the label columns, in order; default every column except the path, modality and id
-            columns and the row-describing columns ``split`` and ``group`` (:data:`MANIFEST_ROW_COLUMNS`).
+            columns and the row-describing columns ``split`` and ``group``.
         id_column: a column of sample ids; default ``id`` when the table has one, else the path as written.
         transform, cache, on_error: as in :class:`LabelledImageDataset`.
 
     Attributes:
+        table: the table read (for messages).
         id_column: the column the ids come from (the path column when the table has no id column).
+        split_column, group_column: ``"split"`` and ``"group"`` when the table has them, else None.
     """
+
+    _shared_settings = (*LabelledImageDataset._shared_settings, "id_column", "split_column", "group_column")
 
     def __init__(
         self,
@@ -558,7 +677,10 @@ class Manifest(LabelledImageDataset):
         header = list(rows[0]) if rows else []
         if id_column is None:
             id_column = "id" if "id" in header else path_column
+        self.table = table
         self.id_column = id_column
+        self.split_column = MANIFEST_SPLIT_COLUMN if MANIFEST_SPLIT_COLUMN in header else None
+        self.group_column = MANIFEST_GROUP_COLUMN if MANIFEST_GROUP_COLUMN in header else None
         fixed_columns = list(dict.fromkeys([path_column, modality_column, id_column]))
         if label_columns is None:
             described = {*fixed_columns, *MANIFEST_ROW_COLUMNS}
@@ -574,9 +696,36 @@ class Manifest(LabelledImageDataset):
             if not modality:
                 raise ValueError(f"{table}: line {line}: empty {modality_column!r} cell")
             records.append(
-                ImageRecord(path=table.parent / row[path_column], labels=labels, id=row[id_column], modality=modality)
+                ImageRecord(
+                    path=table.parent / row[path_column],
+                    labels=labels,
+                    id=row[id_column],
+                    modality=modality,
+                    split=row[self.split_column].strip() if self.split_column else "",
+                    group=row[self.group_column].strip() if self.group_column else "",
+                )
             )
         super().__init__(records, label_columns, transform, cache, on_error)
+
+    def in_splits(self, splits: str | Sequence[str]) -> Manifest:
+        """The rows whose ``split`` cell is one of ``splits`` (compared regardless of case), in table order.
+
+        Raises:
+            ValueError: ``splits`` is empty or holds a blank name, the table has no ``split`` column, or no
+                row is in one of ``splits``.
+        """
+        splits = (splits,) if isinstance(splits, str) else tuple(splits)
+        if not splits or not all(isinstance(split, str) and split.strip() for split in splits):
+            raise ValueError(f"splits must be one or more non-blank split names, got {splits!r}")
+        if self.split_column is None:
+            raise ValueError(f"{self.table}: selecting splits {list(splits)} needs a {MANIFEST_SPLIT_COLUMN!r} column")
+        present = {record.split.lower() for record in self.records}
+        missing = [split for split in splits if split.strip().lower() not in present]
+        if missing:
+            held = sorted({record.split for record in self.records})
+            raise ValueError(f"{self.table}: no rows with split {missing}; the split column holds {held}")
+        wanted = {split.strip().lower() for split in splits}
+        return self.subset(lambda record: record.split.lower() in wanted)
 
 
 def _manifest_label(table: Path, line: int, column: str, text: str | None) -> float:

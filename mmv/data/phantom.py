@@ -54,6 +54,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmv.data.dataset_spec import DatasetSpec, open_dataset
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
+
 __all__ = [
     "PHANTOM_FINDINGS",
     "PhantomSettings",
@@ -68,8 +71,6 @@ __all__ = [
 PHANTOM_FINDINGS = ("Lung nodule", "Pleural effusion", "Cardiomegaly", "Consolidation", "Emphysema")
 MANIFEST_NAME = "manifest.csv"
 DESCRIPTION_NAME = "phantoms.json"
-CT_MODALITY = "CT"
-XRAY_MODALITY = "DX"
 
 # Linear attenuation of water for a diagnostic beam (about 70 keV effective), per mm.
 _WATER_ATTENUATION_PER_MM = 0.019
@@ -623,17 +624,10 @@ def _one_torch_thread() -> None:
 
 
 def phantom_manifest(manifest: str | os.PathLike, transform=None, cache=None, on_error: str = "raise"):
-    """The :class:`mmv.data.Manifest` of a phantom data set, with the findings as its labels.
+    """The :class:`mmv.data.Manifest` of a phantom data set, with the findings as its labels, opened by
+    :func:`mmv.data.open_dataset`; each record's split and group are its phantom's.
 
     ``transform``, ``cache`` and ``on_error`` are passed to the Manifest.
     """
-    from mmv.data.datasets import Manifest
-
-    return Manifest(
-        manifest,
-        label_columns=PHANTOM_FINDINGS,
-        id_column="id",
-        transform=transform,
-        cache=cache,
-        on_error=on_error,
-    )
+    spec = DatasetSpec("manifest", manifest, id_column="id", label_columns=PHANTOM_FINDINGS)
+    return open_dataset(spec, transform=transform, cache=cache, on_error=on_error)

@@ -7,7 +7,7 @@ spacing alone, which is what token-budget batching needs before any pixel is rea
 :class:`ModalityPreprocess` applies one or the other by the image's dimension, for data sets that mix both.
 
 The ``DEFAULT_*`` constants are the one place that defines the default preprocessing: the pipelines' own
-defaults and the pretraining config's (:class:`mmv.train_config.DataConfig`) are taken from them.
+defaults and the pretraining config's (:class:`mmv.train.config.DataConfig`) are taken from them.
 """
 
 from __future__ import annotations

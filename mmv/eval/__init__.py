@@ -4,8 +4,9 @@
 :func:`run_analysis` are the entry points of ``mmv embed``, ``mmv probe`` and ``mmv analyze``.
 """
 
+from mmv.data.dataset_spec import DatasetSpec
 from mmv.eval.commands import compare_probe_runs, run_analysis, run_probe
-from mmv.eval.embed import DatasetSpec, run_embed, run_embed_encoders
+from mmv.eval.embed import run_embed, run_embed_encoders
 from mmv.eval.features import FeatureIndex, FeatureWriter, read_feature_table
 from mmv.eval.metrics import auroc, bootstrap_auroc, macro_auroc, roc_curve
 from mmv.eval.probe import evaluate_probe, fit_linear_probe

@@ -14,13 +14,12 @@ Checkpoints
     teacher's encoder, which is what the run saves when it finishes), a pretraining run directory (its
     ``encoder`` when the run has finished, else its latest checkpoint), or an :class:`mmv.Encoder`.
 
-Data sets (:class:`DatasetSpec`)
-    ``manifest`` (any CSV manifest, :class:`mmv.data.Manifest`; its ``split`` and ``group`` columns, when
-    present, fill the index's), ``mimic`` (MIMIC-CXR-JPG), ``chexpert`` and ``ctrate`` (CT-RATE). The named
-    data sets embed every split by default, since their probe protocols take train, validation and test
-    rows from one table; their index groups number the patients of the table in order of appearance
-    (``patient_000001``, ...), so that rows of one patient stay together without storing any patient
-    number.
+Data sets (:class:`mmv.data.DatasetSpec`)
+    ``manifest`` (any CSV manifest), ``mimic`` (MIMIC-CXR-JPG), ``chexpert`` and ``ctrate`` (CT-RATE),
+    opened by :func:`mmv.data.open_dataset`: each record's split and group (a manifest's ``split`` and
+    ``group`` cells; for the named data sets, train / val / test and patients numbered in order of
+    appearance, without any patient number) fill the index's. The named data sets embed every split by
+    default, since their probe protocols take train, validation and test rows from one table.
 
 Preprocessing
     CT is windowed and resampled, X-rays resized and normalised (:class:`mmv.data.ModalityPreprocess`) as
@@ -42,16 +41,12 @@ Resuming
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +56,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import TRAINING_CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, parse_json_config
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
-from mmv.data.datasets import CheXpert, CtRate, LabelledImageDataset, Manifest, MimicCxr
+from mmv.data.dataset_spec import DatasetSpec, open_dataset
+from mmv.data.datasets import LabelledImageDataset
+from mmv.data.preprocess import ModalityPreprocess
 from mmv.data.sampler import TokenBudgetBatchSampler, check_positive_int
-from mmv.data.tables import read_table
+from mmv.eval.encoders import LoadedEncoder, embed_preprocess, load_encoder, weights_digest
 from mmv.eval.features import (
     INDEX_COLUMNS,
     FeatureIndex,
@@ -75,43 +71,23 @@ from mmv.eval.features import (
     read_feature_index,
     read_feature_table,
 )
-from mmv.model.checkpoint import CONFIG_NAME, CheckpointError, check_state_dict
-from mmv.data.preprocess import ModalityPreprocess
-from mmv.model.encoder import PREPROCESS_KEY, Encoder, MissingPreprocessWarning
-from mmv.pretrain_data import modality_preprocess
+from mmv.model.encoder import Encoder
 from mmv.tokenizer import Tokenizer
-from mmv.train_config import PretrainConfig
 
 __all__ = [
     "ARRAY_NAMES",
-    "DATASET_KINDS",
     "RUN_FILE",
-    "DatasetSpec",
-    "EmbedDataset",
     "EmbedRun",
-    "LoadedEncoder",
-    "embed_preprocess",
-    "load_encoder",
-    "open_dataset",
     "run_embed",
     "run_embed_encoders",
 ]
 
-DATASET_KINDS = ("manifest", "mimic", "chexpert", "ctrate")
 ARRAY_NAMES = ("cls", "patch_mean")
 RUN_FILE = "embed.json"
 PARTIAL_DIR = "partial"
 RUN_FORMAT = "mmv-embed"
 RUN_VERSION = 1
-# Where the trainer keeps the EMA teacher's encoder inside a training checkpoint.
-TEACHER_ENCODER_PREFIX = "module.encoder."
 
-# Each named data set's splits, and the name the feature index gives them.
-_NAMED_SPLITS = {
-    "mimic": {"train": "train", "validate": "val", "test": "test"},
-    "chexpert": {"train": "train", "valid": "val"},
-    "ctrate": {"train": "train", "valid": "val"},
-}
 # What each setting that must not change within a feature table is called in messages.
 _SETTING_NAMES = {
     "weights_sha256": "weights",
@@ -129,322 +105,31 @@ _TABLE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 # Data sets
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Which images to embed.
-
-    Attributes:
-        kind: ``manifest``, ``mimic``, ``chexpert`` or ``ctrate``.
-        path: the manifest CSV, or the data set's root directory.
-        splits: the splits to embed; None embeds all of them. ``mimic``: train, validate, test;
-            ``chexpert``: train, valid (``train.csv`` / ``valid.csv``); ``ctrate``: train, valid;
-            ``manifest``: values of its ``split`` column.
-        fixed: CT-RATE only: read the header-fixed copies (``train_fixed/``, ``valid_fixed/``).
-        id_column: manifest only: the column of sample ids; None uses ``id`` when the manifest has it,
-            else the path as written.
-        label_columns: manifest only: the label columns; None takes every column that is not the path,
-            modality, id, split or group.
-    """
-
-    kind: str
-    path: str | os.PathLike
-    splits: tuple[str, ...] | None = None
-    fixed: bool = False
-    id_column: str | None = None
-    label_columns: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in DATASET_KINDS:
-            raise ValueError(f"DatasetSpec: kind must be one of {DATASET_KINDS}, got {self.kind!r}")
-        object.__setattr__(self, "path", Path(self.path))
-        if self.splits is not None:
-            splits = (self.splits,) if isinstance(self.splits, str) else tuple(self.splits)
-            if not splits or not all(isinstance(split, str) and split for split in splits):
-                raise ValueError(f"DatasetSpec: splits must be None or non-empty split names, got {self.splits!r}")
-            if self.kind in _NAMED_SPLITS:
-                unknown = [split for split in splits if split not in _NAMED_SPLITS[self.kind]]
-                if unknown:
-                    raise ValueError(
-                        f"DatasetSpec: splits of {self.kind} must be among {tuple(_NAMED_SPLITS[self.kind])}, "
-                        f"got {unknown}"
-                    )
-            object.__setattr__(self, "splits", tuple(dict.fromkeys(splits)))
-        if self.fixed and self.kind != "ctrate":
-            raise ValueError(f"DatasetSpec: fixed applies to ctrate only, not {self.kind}")
-        if self.kind != "manifest" and (self.id_column is not None or self.label_columns is not None):
-            raise ValueError(f"DatasetSpec: id_column and label_columns apply to manifest only, not {self.kind}")
-        if self.label_columns is not None:
-            object.__setattr__(self, "label_columns", tuple(self.label_columns))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready description (for ``embed.json``)."""
-        values = dataclasses.asdict(self)
-        values["path"] = str(self.path)
-        return values
-
-
-@dataclass(frozen=True, eq=False)
-class EmbedDataset:
-    """A data set opened for embedding: the images in index order, with each row's split and group.
-
-    Attributes:
-        dataset: one dataset holding every image to embed, in the order of the feature index.
-        splits: each row's split (``train`` / ``val`` / ``test`` for the named data sets, the manifest's
-            cell otherwise; blank when unknown).
-        groups: each row's group (the manifest's ``group`` cell, or a patient number within the table).
-    """
-
-    dataset: LabelledImageDataset
-    splits: tuple[str, ...]
-    groups: tuple[str, ...]
-
-    def index(self) -> FeatureIndex:
-        """The feature index of these images: ids, split, modality, group and labels."""
-        records = self.dataset.records
-        return FeatureIndex(
-            ids=tuple(record.id for record in records),
-            splits=self.splits,
-            modalities=tuple(record.modality for record in records),
-            groups=self.groups,
-            label_names=self.dataset.label_names,
-            labels=np.array([record.labels for record in records], dtype=np.float64).reshape(
-                len(records), len(self.dataset.label_names)
-            ),
-        )
-
-
-def _patient_numbers(records) -> tuple[str, ...]:
-    """A group per record: patients (the folder above the study in every named layout) numbered in order."""
-    numbers: dict[str, int] = {}
-    groups = []
-    for record in records:
-        patient = record.path.parent.parent.name
-        number = numbers.setdefault(patient, len(numbers) + 1)
-        groups.append(f"patient_{number:06d}")
-    return tuple(groups)
-
-
-def _open_manifest(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
-    rows = read_table(spec.path)
-    dataset = Manifest(
-        spec.path, label_columns=spec.label_columns, id_column=spec.id_column, transform=transform, cache=cache,
-        on_error=on_error,
-    )
+def _feature_index(dataset: LabelledImageDataset, spec: DatasetSpec) -> FeatureIndex:
+    """The feature index of ``dataset``'s images: ids, split, modality, group and labels."""
     clashes = [name for name in dataset.label_names if name in INDEX_COLUMNS]
     if clashes:
         raise ValueError(f"{spec.path}: label columns may not be named {clashes} (they are index columns)")
-    # Manifest keeps one record per table row, in order.
-    splits = [(row.get("split") or "").strip() for row in rows]
-    groups = [(row.get("group") or "").strip() for row in rows]
-    if spec.splits is not None:
-        present = set(splits)
-        missing = [split for split in spec.splits if split not in present]
-        if missing:
-            raise ValueError(f"{spec.path}: no rows with split {missing}; the split column holds {sorted(present)}")
-        keep = [i for i, split in enumerate(splits) if split in spec.splits]
-        dataset.records = [dataset.records[i] for i in keep]
-        splits = [splits[i] for i in keep]
-        groups = [groups[i] for i in keep]
-    return EmbedDataset(dataset, tuple(splits), tuple(groups))
-
-
-def _open_named(spec: DatasetSpec, transform, cache, on_error: str) -> EmbedDataset:
-    names = _NAMED_SPLITS[spec.kind]
-    parts, splits = [], []
-    for split in spec.splits or tuple(names):
-        options = {"transform": transform, "cache": cache, "on_error": on_error}
-        if spec.kind == "mimic":
-            part = MimicCxr(spec.path, split=split, **options)
-        elif spec.kind == "chexpert":
-            part = CheXpert(spec.path, csv=f"{split}.csv", **options)
-        else:
-            part = CtRate(spec.path, split=split, fixed=spec.fixed, **options)
-        parts.append(part)
-        splits.extend([names[split]] * len(part))
-    # The splits of one data set share their class, labels and preprocessing: one dataset holds them all.
-    dataset = copy.copy(parts[0])
-    dataset.records = [record for part in parts for record in part.records]
-    return EmbedDataset(dataset, tuple(splits), _patient_numbers(dataset.records))
-
-
-def open_dataset(
-    spec: DatasetSpec,
-    transform=None,
-    cache: PreprocessCache | None = None,
-    on_error: str = "raise",
-) -> EmbedDataset:
-    """Open the images of ``spec`` in a fixed order, with their splits and groups.
-
-    ``transform``, ``cache`` and ``on_error`` are passed to the dataset (see
-    :class:`mmv.data.LabelledImageDataset`).
-    """
-    if not isinstance(spec, DatasetSpec):
-        raise TypeError(f"spec must be a DatasetSpec, got {type(spec).__name__}")
-    opened = (_open_manifest if spec.kind == "manifest" else _open_named)(spec, transform, cache, on_error)
-    if len(opened.dataset) == 0:
-        raise ValueError(f"{spec.path}: the {spec.kind} data set holds no images (splits {spec.splits or 'all'})")
-    return opened
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints and preprocessing
-
-
-@dataclass(frozen=True, eq=False)
-class LoadedEncoder:
-    """An encoder read for embedding, with the preprocessing it was trained with (when known).
-
-    Attributes:
-        encoder: the encoder, in eval mode; its ``preprocess`` is :attr:`preprocess`.
-        preprocess: the preprocessing of its training run, or the defaults.
-        preprocess_from: where :attr:`preprocess` comes from: ``"the encoder"`` (its own record),
-            ``"the pretraining run"`` (a run config) or ``"the defaults"``.
-        source: what was read, for the record (a path, or ``"an Encoder object"``).
-    """
-
-    encoder: Encoder
-    preprocess: ModalityPreprocess
-    preprocess_from: str
-    source: str
-
-
-def _run_config(path: Path) -> PretrainConfig | None:
-    """The pretraining config saved at ``path`` (a run's ``config.json``), or None if it is not one."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(values, dict) or "data" not in values or "model" not in values:
-            return None
-        return PretrainConfig.from_dict(values)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
-        return None
-
-
-def _records_preprocess(path: Path) -> bool:
-    """Whether the encoder config at ``path`` records its preprocessing (unreadable: from_pretrained says why)."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return True
-    return not isinstance(values, dict) or PREPROCESS_KEY in values
-
-
-def _load_training_checkpoint(path: Path) -> LoadedEncoder:
-    state = load_checkpoint(path)
-    if state.get("format") != TRAINING_CHECKPOINT_FORMAT or not isinstance(state.get("teacher"), dict):
-        raise CheckpointError(
-            path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
-        )
-    try:
-        config = PretrainConfig.from_dict(parse_json_config(state["config"], path))
-        encoder_config = config.model.encoder_config()
-        preprocess = modality_preprocess(config.data)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(path, f"its run config is unusable ({error})") from error
-    weights = {
-        name[len(TEACHER_ENCODER_PREFIX):]: tensor
-        for name, tensor in state["teacher"].items()
-        if name.startswith(TEACHER_ENCODER_PREFIX)
-    }
-    encoder = Encoder(encoder_config)
-    check_state_dict(path, weights, encoder.state_dict())
-    encoder.load_state_dict(weights)
-    encoder.preprocess = preprocess
-    return LoadedEncoder(encoder.eval(), preprocess, "the pretraining run", str(path))
-
-
-def _load_encoder_directory(path: Path) -> LoadedEncoder:
-    if _records_preprocess(path / CONFIG_NAME):
-        encoder = Encoder.from_pretrained(path)
-        return LoadedEncoder(encoder, encoder.preprocess, "the encoder", str(path))
-    # Written before encoders recorded their preprocessing: the run config beside it still says what it was.
-    run = _run_config(path.parent / CONFIG_NAME)
-    if run is None:
-        encoder = Encoder.from_pretrained(path)  # warns that the defaults are used
-        return LoadedEncoder(encoder, encoder.preprocess, "the defaults", str(path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MissingPreprocessWarning)
-        encoder = Encoder.from_pretrained(path)
-    encoder.preprocess = modality_preprocess(run.data)
-    return LoadedEncoder(encoder, encoder.preprocess, "the pretraining run", str(path))
-
-
-def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
-    """Read an encoder from any of the checkpoints ``mmv embed`` accepts (see the module documentation).
-
-    Raises:
-        FileNotFoundError: nothing at the path, or a directory that is neither an encoder nor a run.
-        CheckpointError: an unreadable or foreign checkpoint, or weights that do not fit its config.
-    """
-    if isinstance(checkpoint, Encoder):
-        return LoadedEncoder(checkpoint.eval(), checkpoint.preprocess, "the encoder", "an Encoder object")
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a path or an mmv.Encoder, got {type(checkpoint).__name__}")
-    path = Path(checkpoint)
-    if path.is_file():
-        return _load_training_checkpoint(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    if (path / CONFIG_NAME).is_file() and _run_config(path / CONFIG_NAME) is None:
-        return _load_encoder_directory(path)
-    if (path / "encoder" / CONFIG_NAME).is_file():
-        return _load_encoder_directory(path / "encoder")
-    latest = latest_checkpoint(path / "checkpoints")
-    if latest is not None:
-        return _load_training_checkpoint(latest)
-    raise FileNotFoundError(
-        f"{path}: neither an encoder directory ({CONFIG_NAME} + weights) nor a pretraining run "
-        "(encoder/ or checkpoints/step_*.pt)"
+    records = dataset.records
+    return FeatureIndex(
+        ids=tuple(record.id for record in records),
+        splits=tuple(record.split for record in records),
+        modalities=tuple(record.modality for record in records),
+        groups=tuple(record.group for record in records),
+        label_names=dataset.label_names,
+        labels=np.array([record.labels for record in records], dtype=np.float64).reshape(
+            len(records), len(dataset.label_names)
+        ),
     )
 
 
-def embed_preprocess(
-    preprocess: ModalityPreprocess | None = None,
-    *,
-    ct_spacing: Sequence[float] | None = None,
-    ct_window: Sequence[float] | None = None,
-    xray_spacing: float | None = None,
-    xray_short_side: int | None = None,
-) -> ModalityPreprocess:
-    """The preprocessing of embedding: the encoder's (or the defaults) with any setting replaced.
-
-    ``xray_spacing`` (mm pixels) and ``xray_short_side`` (pixels) are alternatives: give at most one.
-    """
-    base = preprocess if preprocess is not None else ModalityPreprocess()
-    if not isinstance(base, ModalityPreprocess):
-        raise TypeError(f"preprocess must be an mmv.data.ModalityPreprocess or None, got {type(base).__name__}")
-    if xray_spacing is not None and xray_short_side is not None:
-        raise ValueError("give at most one of xray_spacing and xray_short_side")
-    ct, xray = base.ct, base.xray
-    if ct_spacing is not None:
-        ct = dataclasses.replace(ct, spacing=tuple(ct_spacing))
-    if ct_window is not None:
-        ct = dataclasses.replace(ct, window=tuple(ct_window))
-    if xray_spacing is not None:
-        xray = dataclasses.replace(xray, short_side=None, spacing=(float(xray_spacing),) * 2)
-    if xray_short_side is not None:
-        xray = dataclasses.replace(xray, short_side=xray_short_side, spacing=None)
-    return ModalityPreprocess(ct, xray)
-
-
-def _weights_digest(encoder: Encoder) -> str:
-    """SHA-256 of the encoder's weights (names, dtypes, shapes and bytes), whatever file they came from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+# --------------------------------------------------------------------------------------------------
+# The run
 
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples become lists), so settings compare equal after a round trip."""
     return json.loads(json.dumps(value))
-
-
-# --------------------------------------------------------------------------------------------------
-# The run
 
 
 @dataclass(frozen=True)
@@ -577,8 +262,7 @@ def _encode_pending(
     skipped: list[list[int]] = [[] for _ in writers]
     if pending_rows.size == 0:
         return skipped
-    pending = copy.copy(dataset)
-    pending.records = [dataset.records[row] for row in pending_rows]
+    pending = dataset.subset(pending_rows)
     patch_size = encoders[0].config.patch_size
     counts = pending.token_counts(patch_size, progress=progress)
     # An image larger than the budget is encoded alone rather than refused.
@@ -698,8 +382,8 @@ def _run(
     loaded = {name: load_encoder(checkpoint) for name, checkpoint in checkpoints.items()}
     transform = _shared_preprocess(loaded, given)
     cache = PreprocessCache(cache_dir) if cache_dir is not None else None
-    opened = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
-    index = opened.index()
+    images = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
+    index = _feature_index(images, dataset)
 
     runs: dict[str, EmbedRun] = {}
     tables: dict[str, _Table] = {}
@@ -707,7 +391,7 @@ def _run(
         encoder = encoder_read.encoder.to(device).eval()
         settings = _plain(
             {
-                "weights_sha256": _weights_digest(encoder),
+                "weights_sha256": weights_digest(encoder),
                 "encoder_config": encoder.config.to_dict(),
                 "preprocess": transform.to_dict(),
                 "bf16": bf16,
@@ -746,7 +430,7 @@ def _run(
         }
         to_encode = {name: int(writer.pending_rows.size) for name, writer in writers.items()}
         skipped_rows = dict(zip(tables, _encode_pending(
-            list(writers.values()), [table.encoder for table in tables.values()], opened.dataset, device,
+            list(writers.values()), [table.encoder for table in tables.values()], images, device,
             max_tokens=max_tokens, num_workers=num_workers, bf16=bf16, progress=progress,
         )))
         seconds = time.perf_counter() - started

@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from mmv.data.dataset_spec import COMMON_SPLIT_NAMES
 from mmv.data.datasets import CHEXPERT_COMPETITION_LABELS, CHEXPERT_LABELS, CT_RATE_LABELS
 from mmv.data.tables import TableError, read_table
 from mmv.eval.features import FeatureTable
@@ -75,9 +76,6 @@ CHEXPERT5_UNCERTAIN_AS = {
 MIMIC14_LABELS = CHEXPERT_LABELS
 CTRATE18_LABELS = CT_RATE_LABELS
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {
-    "train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test",
-}
 
 
 class LabelFileError(TableError):
@@ -193,7 +191,7 @@ def _mimic_labels(root: Path) -> LabelTable:
 
     keys, groups, splits, rows = [], [], [], []
     for line, row in enumerate(_read_labels(split_path, ("dicom_id", "study_id", "subject_id", "split")), start=2):
-        split = _SPLIT_ALIASES.get(row["split"].strip().lower())
+        split = COMMON_SPLIT_NAMES.get(row["split"].strip().lower())
         if split is None:
             raise LabelFileError(split_path, f"line {line}: split {row['split']!r} is not train/validate/test")
         study = (row["subject_id"].strip(), row["study_id"].strip())
@@ -312,11 +310,11 @@ def _manifest_labels(table: FeatureTable, test_fraction: float, seed: int) -> La
         splits = np.array(["train"] * len(raw_splits), dtype=object)
         splits[carve_groups(groups, test_fraction, seed)] = "test"
     else:
-        unknown = [(row_id, split) for row_id, split in zip(index.ids, raw_splits) if split not in _SPLIT_ALIASES]
+        unknown = [(row_id, split) for row_id, split in zip(index.ids, raw_splits) if split not in COMMON_SPLIT_NAMES]
         if unknown:
             row_id, split = unknown[0]
             raise ValueError(f"feature table splits must be train/val/test, row {row_id!r} has {split!r}")
-        splits = np.array([_SPLIT_ALIASES[split] for split in raw_splits], dtype=object)
+        splits = np.array([COMMON_SPLIT_NAMES[split] for split in raw_splits], dtype=object)
     return LabelTable(index.ids, groups, tuple(splits), index.label_names, labels)
 
 

@@ -2,6 +2,10 @@
 
 Where the ``safetensors`` package is missing, weights are written with ``torch.save`` and read back with
 ``torch.load(weights_only=True)``, which also never runs code from the file.
+
+:class:`CheckpointError` is the one error type of every unusable checkpoint in mmv, encoder directories
+and training checkpoints (:mod:`mmv.train.checkpoint`) alike (exported as ``mmv.CheckpointError``), and
+:func:`parse_json_config` the one reader of a checkpoint's JSON config.
 """
 
 from __future__ import annotations
@@ -13,19 +17,66 @@ from typing import Any
 
 import torch
 
-from mmv.checkpoint import MAX_CONFIG_BYTES, CheckpointError, parse_json_config
 from mmv.files import atomic_write
 
-__all__ = ["CheckpointError", "CONFIG_NAME", "SAFETENSORS_NAME", "TORCH_NAME", "write_checkpoint", "read_checkpoint", "check_state_dict"]
+__all__ = [
+    "CheckpointError",
+    "CONFIG_NAME",
+    "SAFETENSORS_NAME",
+    "TORCH_NAME",
+    "parse_json_config",
+    "write_checkpoint",
+    "read_checkpoint",
+    "check_state_dict",
+]
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "model.pt"
 
+# A config.json is a few hundred bytes; anything near this size is not one, and is not read whole.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 try:
     import safetensors.torch as safetensors_torch
 except ImportError:  # an optional dependency: fall back to torch.save / weights_only loading
     safetensors_torch = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (a training checkpoint file or an encoder directory) is missing a part, unreadable,
+    truncated, corrupt, or holds a config or weights that do not fit the model.
+
+    Attributes:
+        path: the file (or directory) at fault.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def parse_json_config(text: str | bytes, path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's config, JSON text holding an object, as a dict.
+
+    Raises:
+        CheckpointError: naming ``path``, for text over 1 MiB, invalid JSON, JSON nested too deeply for the
+            parser, or JSON that is not an object.
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise CheckpointError(path, f"the config is over {MAX_CONFIG_BYTES} bytes, more than a config can be")
+    try:
+        config = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(path, f"cannot read the config as JSON ({error})") from error
+    except RecursionError:
+        raise CheckpointError(path, "cannot read the config as JSON (nested too deeply)") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(path, f"the config must be a JSON object, got {type(config).__name__}")
+    return config
 
 
 def write_checkpoint(directory: str | os.PathLike, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:

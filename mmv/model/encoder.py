@@ -31,8 +31,9 @@ from mmv.model.checkpoint import (
 )
 from mmv.model.config import EncoderConfig
 from mmv.model.layers import Block, LayerScale, PackedContext, PatchEmbed
+from mmv.model.stream import PatchStream, PrefixLayout, inverse_permutation, permute_rows, prefix_layout
 from mmv.ops import rope_freqs
-from mmv.packing import PackedBatch, PrefixLayout, inverse_permutation, pack, permute_rows, prefix_layout, unpack
+from mmv.packing import PackedBatch, pack, unpack
 from mmv.tokenizer import Tokenizer, as_image
 
 __all__ = ["Encoder", "EncoderOutput", "MissingPreprocessWarning", "PREPROCESS_KEY"]
@@ -192,23 +193,14 @@ class Encoder(nn.Module):
         Returns:
             An :class:`EncoderOutput`.
         """
-        batch, token_mask = self._prepare(inputs, token_mask)
-        cls, registers, patch_tokens, pooled = self._encode(
-            batch.patches_2d,
-            batch.patches_3d,
-            batch.rows_2d,
-            batch.rows_3d,
-            batch.coords_mm,
-            batch.cu_seqlens,
-            batch.max_seqlen,
-            not batch.validated,
-            token_mask,
-        )
+        batch, stream = self._prepare(inputs, token_mask)
+        cls, registers, patch_tokens, pooled = self._encode(stream)
         return EncoderOutput(cls, patch_tokens, pooled, registers, batch.cu_seqlens, batch)
 
     @torch.compiler.disable
-    def _prepare(self, inputs, token_mask) -> tuple[PackedBatch, torch.Tensor | None]:
-        """Tokenise and pack a list of images, check a batch against the config, move it to the weights."""
+    def _prepare(self, inputs, token_mask) -> tuple[PackedBatch, PatchStream]:
+        """Tokenise and pack a list of images, check a batch against the config, move it to the weights;
+        the batch, and its stream for :meth:`_encode`."""
         device = self.cls_token.device
         if isinstance(inputs, PackedBatch):
             batch = inputs
@@ -238,65 +230,53 @@ class Encoder(nn.Module):
                     f"got {tuple(token_mask.shape)}"
                 )
             token_mask = token_mask.to(device)
-        return batch, token_mask
-
-    def _encode(
-        self,
-        patches_2d: torch.Tensor,
-        patches_3d: torch.Tensor,
-        rows_2d: torch.Tensor,
-        rows_3d: torch.Tensor,
-        coords_mm: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        validate: bool,
-        token_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Only tensors and plain numbers in here: sizes come from tensor shapes, so torch.compile can keep
-        # them symbolic instead of recompiling for every new number of images.
-        x, context, layout = self._embed(
-            patches_2d, patches_3d, rows_2d, rows_3d, coords_mm, cu_seqlens, max_seqlen, validate, token_mask
+        stream = PatchStream(
+            batch.patches_2d,
+            batch.patches_3d,
+            batch.rows_2d,
+            batch.rows_3d,
+            batch.coords_mm,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            validate=not batch.validated,
+            token_mask=token_mask,
         )
+        return batch, stream
+
+    def _encode(self, stream: PatchStream) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CLS ``(B, C)``, registers ``(B, R, C)``, patch tokens ``(T, C)`` and their per-image mean."""
+        x, context, layout = self._embed(stream)
         for block in self.blocks:
             x = block(x, context)
-        return self._readout(self.norm(x), layout, cu_seqlens)
+        return self._readout(self.norm(x), layout, stream.cu_seqlens)
 
-    def _embed(
-        self,
-        patches_2d: torch.Tensor,
-        patches_3d: torch.Tensor,
-        rows_2d: torch.Tensor,
-        rows_3d: torch.Tensor,
-        coords_mm: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
-        validate: bool,
-        token_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, PackedContext, PrefixLayout]:
+    def _embed(self, stream: PatchStream) -> tuple[torch.Tensor, PackedContext, PrefixLayout]:
         """The input stream ``(T + B * num_prefix, C)``: each image's prefix tokens, then its embedded
         patches; with the context the blocks need and the layout that locates every row."""
         config = self.config
-        num_images = cu_seqlens.shape[0] - 1
-        num_tokens = coords_mm.shape[0]
+        num_images = stream.cu_seqlens.shape[0] - 1
+        num_tokens = stream.coords_mm.shape[0]
         num_prefix = self.num_prefix_tokens
-        layout = prefix_layout(cu_seqlens, num_tokens, max_seqlen, num_prefix)
+        layout = prefix_layout(stream.cu_seqlens, num_tokens, stream.max_seqlen, num_prefix)
         num_rows = num_tokens + num_images * num_prefix
 
-        embedded_2d, embedded_3d = self.patch_embed(patches_2d, patches_3d)
+        embedded_2d, embedded_3d = self.patch_embed(stream.patches_2d, stream.patches_3d)
         prefix = self.cls_token if self.register_tokens is None else torch.cat((self.cls_token, self.register_tokens))
         prefix = prefix.to(embedded_3d.dtype).repeat(num_images, 1)
         # One permutation moves every embedded row (2D patches, 3D patches, prefix tokens) to its stream row.
-        destination = torch.cat((layout.patch_rows[rows_2d], layout.patch_rows[rows_3d], layout.prefix_rows.flatten()))
+        destination = torch.cat(
+            (layout.patch_rows[stream.rows_2d], layout.patch_rows[stream.rows_3d], layout.prefix_rows.flatten())
+        )
         x = permute_rows(
             torch.cat((embedded_2d, embedded_3d, prefix)), inverse_permutation(destination), destination
         )
-        if token_mask is not None:
+        if stream.token_mask is not None:
             masked_rows = torch.zeros(num_rows, dtype=torch.bool, device=x.device)
-            masked_rows = masked_rows.index_copy(0, layout.patch_rows, token_mask)
+            masked_rows = masked_rows.index_copy(0, layout.patch_rows, stream.token_mask)
             x = torch.where(masked_rows[:, None], self.mask_token.to(x.dtype), x)
 
         coords = torch.zeros(num_rows, 3, dtype=torch.float32, device=x.device)
-        coords = coords.index_copy(0, layout.patch_rows, coords_mm / config.coordinate_unit_mm)
+        coords = coords.index_copy(0, layout.patch_rows, stream.coords_mm / config.coordinate_unit_mm)
         context = PackedContext(
             cu_seqlens=layout.cu_seqlens,
             max_seqlen=layout.max_seqlen,
@@ -305,7 +285,7 @@ class Encoder(nn.Module):
             sections=config.rope_sections,
             sequence_ids=layout.sequence_ids,
             num_sequences=num_images,
-            validate=validate,
+            validate=stream.validate,
         )
         return x, context, layout
 

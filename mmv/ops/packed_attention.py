@@ -3,6 +3,8 @@ and its fake (meta) kernels."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from mmv.ops import reference
@@ -30,7 +32,8 @@ def packed_attention(
             checks), last dimension contiguous (views of a packed qkv tensor work), 1 <= D <= 256.
         cu_seqlens: int32 ``(B + 1,)`` on q's device: sequence b holds tokens
             ``cu_seqlens[b]:cu_seqlens[b + 1]``. Zero-length sequences are allowed.
-        max_seqlen: an upper bound on every sequence length, or None to derive it.
+        max_seqlen: an upper bound on every sequence length, or None to derive it. Under
+            ``torch.compile`` it stays symbolic: another bound does not compile the caller again.
         scale: the softmax scale, default ``D ** -0.5``.
         deterministic: make the backward pass bit-reproducible whatever the run or the order of
             sequences (the CPU backward always is).
@@ -47,7 +50,12 @@ def packed_attention(
         head_dim = q.shape[-1]
         scale = head_dim**-0.5 if head_dim > 0 else 1.0  # head_dim 0 is rejected by the op's checks
     scale = float(scale)
-    max_seqlen = -1 if max_seqlen is None else int(max_seqlen)
+    if max_seqlen is None:
+        max_seqlen = -1
+    elif not isinstance(max_seqlen, (int, torch.SymInt)):  # a traced int stays symbolic under torch.compile
+        if not isinstance(max_seqlen, numbers.Integral):
+            raise TypeError(f"packed_attention: max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+        max_seqlen = int(max_seqlen)
     if has_kernel("packed_attention_fwd", q.device.type):
         out, _ = torch.ops.mmv.packed_attention_fwd(
             q, k, v, cu_seqlens, max_seqlen, scale, bool(validate), bool(deterministic)

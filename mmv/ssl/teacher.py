@@ -1,4 +1,7 @@
-"""The EMA teacher: a copy of the student updated as an exponential moving average, and its schedules."""
+"""The EMA teacher: a copy of the student updated as an exponential moving average.
+
+Its momentum and softmax temperature over a run are schedules of training (:mod:`mmv.train.schedules`).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from mmv.schedules import cosine_schedule, linear_warmup
-
-__all__ = ["EmaTeacher", "teacher_momentum", "teacher_temperature"]
-
-
-def teacher_momentum(step: int, total_steps: int, base: float = 0.992, final: float = 1.0) -> float:
-    """EMA momentum at ``step``: ``base`` rising to ``final`` on a half cosine over ``total_steps``."""
-    if not 0.0 <= base <= final <= 1.0:
-        raise ValueError(f"teacher_momentum: need 0 <= base <= final <= 1, got base={base}, final={final}")
-    return cosine_schedule(step, total_steps, base, final)
-
-
-def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
-    """Teacher softmax temperature: ``start`` warmed linearly to ``end`` over ``warmup_steps``."""
-    if not (start > 0 and end > 0):
-        raise ValueError(f"teacher_temperature: temperatures must be positive, got start={start}, end={end}")
-    return linear_warmup(step, warmup_steps, start, end)
+__all__ = ["EmaTeacher"]
 
 
 class EmaTeacher(nn.Module):

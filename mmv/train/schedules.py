@@ -1,10 +1,11 @@
-"""Schedules of training hyperparameters as functions of the optimiser step: linear warm-up, then cosine."""
+"""Schedules of training hyperparameters as functions of the optimiser step: linear warm-up, then cosine;
+the EMA teacher's momentum and softmax temperature."""
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_schedule", "warmup_cosine_schedule", "linear_warmup"]
+__all__ = ["cosine_schedule", "warmup_cosine_schedule", "linear_warmup", "teacher_momentum", "teacher_temperature"]
 
 
 def _check_step(step: int, total_steps: int, owner: str) -> None:
@@ -40,3 +41,17 @@ def warmup_cosine_schedule(step: int, total_steps: int, peak: float, final: floa
     if step < warmup_steps:
         return peak * step / warmup_steps
     return cosine_schedule(step - warmup_steps, total_steps - warmup_steps, peak, final)
+
+
+def teacher_momentum(step: int, total_steps: int, base: float, final: float) -> float:
+    """EMA momentum at ``step``: ``base`` rising to ``final`` on a half cosine over ``total_steps``."""
+    if not 0.0 <= base <= final <= 1.0:
+        raise ValueError(f"teacher_momentum: need 0 <= base <= final <= 1, got base={base}, final={final}")
+    return cosine_schedule(step, total_steps, base, final)
+
+
+def teacher_temperature(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Teacher softmax temperature: ``start`` warmed linearly to ``end`` over ``warmup_steps``."""
+    if not (start > 0 and end > 0):
+        raise ValueError(f"teacher_temperature: temperatures must be positive, got start={start}, end={end}")
+    return linear_warmup(step, warmup_steps, start, end)

@@ -6,7 +6,7 @@ import torch
 
 from mmv.data.datasets import Sample
 from mmv.image import Image
-from mmv.train_config import PretrainConfig
+from mmv.train.config import PretrainConfig
 
 
 class SyntheticImages(torch.utils.data.Dataset):

@@ -2,12 +2,12 @@
 
 One optimiser step: the EMA teacher encodes the global views of every image of a token-budget batch;
 the student encodes all views at once in one pack (global views with iBOT block masks, local views
-whole); the loss is DINO on CLS tokens + iBOT on masked patch tokens + KoLeo on the global views' CLS.
-AdamW with a warm-up + cosine learning rate, a cosine weight-decay schedule, gradient clipping and
+whole); the loss is DINO on CLS tokens + iBOT on masked patch tokens + KoLeo on the global views' CLS
+(:mod:`mmv.ssl.objective`). AdamW with a warm-up + cosine learning rate, a cosine weight-decay schedule, gradient clipping and
 gradient accumulation; bf16 autocast on GPU; DDP under ``torchrun`` (gloo on CPU, NCCL on GPU).
 
 A run directory holds ``config.toml``-equivalent ``config.json``, ``metrics.jsonl`` (one JSON object per
-logged step), ``loss.png``, ``checkpoints/step_*.pt`` (the last K) and, at the end, ``encoder/`` (the
+logged step), ``loss.png``, ``checkpoints/step_*.pt`` (the last K; :mod:`mmv.train.checkpoint`) and, at the end, ``encoder/`` (the
 teacher's encoder with the run's preprocessing, loadable with :meth:`mmv.Encoder.from_pretrained`).
 Resuming restores model, teacher, optimiser, loss centres, the data position and every random
 generator, so a resumed run continues with exactly the losses of one that was never interrupted.
@@ -31,7 +31,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,112 +40,28 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmv.checkpoint import (
-    TRAINING_CHECKPOINT_FORMAT,
-    CheckpointError,
-    capture_rng_state,
-    check_rng_state,
-    list_checkpoints,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
 from mmv.data.sampler import TokenBudgetBatchSampler
 from mmv.files import atomic_write, check_writable
-from mmv.model.checkpoint import check_state_dict
+from mmv.model.checkpoint import CheckpointError
 from mmv.model.encoder import Encoder
-from mmv.packing import PackedBatch
-from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
-from mmv.schedules import cosine_schedule, warmup_cosine_schedule
-from mmv.ssl.augment import CropSpec, MultiCrop
 from mmv.ssl.batch import MultiCropDataset, SeededBatchSampler, SslBatch, SslCollate
 from mmv.ssl.heads import DinoHead
-from mmv.ssl.losses import DinoLoss, IbotLoss, koleo_loss
-from mmv.ssl.teacher import EmaTeacher, teacher_momentum, teacher_temperature
+from mmv.ssl.objective import LOSS_NAMES, SslObjective, SslStudent
+from mmv.ssl.teacher import EmaTeacher
 from mmv.tokenizer import Tokenizer
-from mmv.train_config import PretrainConfig
+from mmv.train.checkpoint import (
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from mmv.train.config import PretrainConfig, RunSettings
+from mmv.train.schedules import cosine_schedule, teacher_momentum, teacher_temperature, warmup_cosine_schedule
+from mmv.train.sources import build_pretraining_sources, modality_preprocess
 
-__all__ = ["SslStudent", "SslObjective", "Trainer", "pretrain", "build_multicrop", "plot_losses", "read_metrics"]
-
-LOSS_NAMES = ("loss", "dino", "ibot", "koleo")
-
-
-class SslStudent(nn.Module):
-    """The encoder with its DINO head and iBOT head (the same module when not separate).
-
-    ``forward(batch, token_mask, masked_rows)`` returns the encoder's CLS tokens ``(B, C)``, their DINO
-    scores ``(B, K)`` and the iBOT scores ``(M, K)`` of the patch tokens at ``masked_rows``.
-    """
-
-    def __init__(self, encoder: Encoder, dino_head: DinoHead, ibot_head: DinoHead | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.dino_head = dino_head
-        self.ibot_head = ibot_head
-
-    def forward(self, batch: PackedBatch, token_mask: torch.Tensor | None, masked_rows: torch.Tensor):
-        out = self.encoder(batch, token_mask)
-        head = self.ibot_head if self.ibot_head is not None else self.dino_head
-        return out.cls, self.dino_head(out.cls), head(out.patch_tokens[masked_rows])
-
-
-@dataclass
-class StepLosses:
-    loss: torch.Tensor
-    dino: torch.Tensor
-    ibot: torch.Tensor
-    koleo: torch.Tensor
-
-
-class SslObjective(nn.Module):
-    """DINO + iBOT + KoLeo for one :class:`SslBatch`, given the student and the teacher."""
-
-    def __init__(self, config: PretrainConfig) -> None:
-        super().__init__()
-        ssl = config.ssl
-        normalisation = {"normalisation": ssl.normalisation}
-        self.dino = DinoLoss(ssl.num_prototypes, ssl.student_temperature, **normalisation)
-        self.ibot = IbotLoss(ssl.num_prototypes, ssl.student_temperature, **normalisation)
-        self.weights = (ssl.dino_weight, ssl.ibot_weight, ssl.koleo_weight)
-
-    def forward(self, student: nn.Module, teacher: EmaTeacher, batch: SslBatch, temperature: float) -> StepLosses:
-        num_images, num_global = batch.num_images, batch.num_global
-        masked_rows = torch.nonzero(batch.mask).flatten()
-        with torch.no_grad():
-            _, teacher_cls_scores, teacher_patch_scores = teacher(batch.teacher, None, masked_rows)
-            dino_targets = self.dino.targets(teacher_cls_scores, temperature)
-            ibot_targets = self.ibot.targets(teacher_patch_scores, temperature)
-        student_cls, student_cls_scores, student_patch_scores = student(batch.student, batch.student_mask(), masked_rows)
-        num_prototypes = student_cls_scores.shape[-1]
-        dino = self.dino(
-            student_cls_scores.view(batch.num_views, num_images, num_prototypes),
-            dino_targets.view(num_global, num_images, num_prototypes),
-        )
-        token_images = batch.teacher.sequence_ids()[masked_rows]
-        ibot = self.ibot(student_patch_scores, ibot_targets, token_images)
-        global_cls = student_cls[: num_global * num_images].view(num_global, num_images, -1)
-        koleo = torch.stack([koleo_loss(view) for view in global_cls]).mean()
-        dino_weight, ibot_weight, koleo_weight = self.weights
-        loss = dino_weight * dino + ibot_weight * ibot + koleo_weight * koleo
-        return StepLosses(loss, dino, ibot, koleo)
-
-
-def build_multicrop(config: PretrainConfig) -> MultiCrop:
-    """The :class:`MultiCrop` of the ``[augment]`` section."""
-    augment = config.augment
-    return MultiCrop(
-        global_crop=CropSpec(tuple(augment.global_size_2d), tuple(augment.global_size_3d), tuple(augment.global_scale), tuple(augment.aspect_ratio)),
-        local_crop=CropSpec(tuple(augment.local_size_2d), tuple(augment.local_size_3d), tuple(augment.local_scale), tuple(augment.aspect_ratio)),
-        num_global=augment.num_global,
-        num_local=augment.num_local,
-        contrast=tuple(augment.contrast),
-        brightness=tuple(augment.brightness),
-        blur_probability=augment.blur_probability,
-        blur_sigma_mm=tuple(augment.blur_sigma_mm),
-        noise_probability=augment.noise_probability,
-        noise_std=tuple(augment.noise_std),
-        flip_axes=tuple(augment.flip_axes),
-    )
+__all__ = ["Trainer", "pretrain", "plot_losses", "read_metrics"]
 
 
 def _parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
@@ -163,6 +79,22 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _set_up_distribution(run: RunSettings) -> tuple[torch.device, int, int]:
+    """Set the thread count, join the process group under ``torchrun`` (gloo on CPU, NCCL on GPU) and pick
+    this process's device; returns ``(device, world_size, rank)``."""
+    if run.num_threads is not None:
+        torch.set_num_threads(int(run.num_threads))
+    device = _resolve_device(run.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, world_size, rank
 
 
 def read_metrics(metrics_path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -235,56 +167,68 @@ class Trainer:
         if not isinstance(config, PretrainConfig):
             raise TypeError(f"Trainer: config must be a PretrainConfig, got {type(config).__name__}")
         self.config = config
-        run, optim = config.run, config.optim
-        if run.num_threads is not None:
-            torch.set_num_threads(int(run.num_threads))
-        self.device = _resolve_device(run.device)
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        if self.device.type == "cuda" and self.world_size > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
+        self.device, self.world_size, self.rank = _set_up_distribution(config.run)
+        optim = config.optim
         if optim.steps < 1 or optim.accumulation < 1:
             raise ValueError(f"optim.steps and optim.accumulation must be positive, got {optim.steps} and {optim.accumulation}")
-        self.out_dir = Path(run.out_dir)
+        self._check_output_directory()
+        encoder = self._build_encoder()
+        heads = self._build_heads(encoder.config.embed_dim)
+        self._build_student_and_teacher(encoder, heads)
+        self._build_optimizer(heads)
+        self._build_data(dataset, encoder.config.patch_size)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.resumed_from: Path | None = self._resume() if resume else None
+
+    def _check_output_directory(self) -> None:
+        """Name the run's files and check that rank 0 can write them, before any data or model is set up."""
+        self.out_dir = Path(self.config.run.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         if self.rank == 0:
             check_writable(self.out_dir, "run.out_dir")
 
-        torch.manual_seed(run.seed + self.rank)
-        encoder_config = config.model.encoder_config()
-        ssl = config.ssl
-        # The encoder is drawn first, so it starts from the weights Encoder(config) gets after this seed.
-        encoder = Encoder(encoder_config)
+    def _build_encoder(self) -> Encoder:
+        """The encoder, drawn first after seeding, so it starts from the weights Encoder(config) gets after this seed."""
+        torch.manual_seed(self.config.run.seed + self.rank)
+        encoder = Encoder(self.config.model.encoder_config())
         # Recorded with the weights (save_pretrained), so that the encoder's users preprocess as it was trained.
-        encoder.preprocess = modality_preprocess(config.data)
-        heads = [
-            DinoHead(
-                encoder_config.embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers,
-                ssl.head_batch_norm,
-            )
+        encoder.preprocess = modality_preprocess(self.config.data)
+        return encoder
+
+    def _build_heads(self, embed_dim: int) -> list[DinoHead]:
+        """The DINO head, and the iBOT head when ``ssl.separate_ibot_head``."""
+        ssl = self.config.ssl
+        return [
+            DinoHead(embed_dim, ssl.num_prototypes, ssl.head_hidden_dim, ssl.head_bottleneck_dim, ssl.head_layers, ssl.head_batch_norm)
             for _ in range(2 if ssl.separate_ibot_head else 1)
         ]
+
+    def _build_student_and_teacher(self, encoder: Encoder, heads: list[DinoHead]) -> None:
+        """The student on the device, its EMA teacher, the objective, and the student under DDP when distributed."""
         self.student = SslStudent(encoder, heads[0], heads[1] if len(heads) > 1 else None).to(self.device)
         self.teacher = EmaTeacher(self.student).to(self.device)
-        self.objective = SslObjective(config).to(self.device)
+        self.objective = SslObjective(self.config.ssl).to(self.device)
         self.model = self.student
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+
+    def _build_optimizer(self, heads: list[DinoHead]) -> None:
+        """AdamW over the student, and the heads' last layers (frozen for ``optim.freeze_last_layer_steps``)."""
+        optim = self.config.optim
         self.optimizer = torch.optim.AdamW(_parameter_groups(self.student), lr=optim.lr, betas=tuple(optim.betas))
         self.last_layer_parameters = [p for head in heads for p in head.last_layer_parameters]
 
+    def _build_data(self, dataset, patch_size: tuple[int, int, int]) -> None:
+        """The multi-crop data set, its seeded token-budget batches, and the loader that assembles them."""
+        config, run = self.config, self.config.run
         if dataset is None:
             dataset = build_pretraining_sources(config.data)
-        tokenizer = Tokenizer(encoder_config.patch_size, drop_rate=config.augment.token_drop_rate)
+        tokenizer = Tokenizer(patch_size, drop_rate=config.augment.token_drop_rate)
         self.dataset = MultiCropDataset(
-            dataset, build_multicrop(config), tokenizer, config.augment.mask_probability, tuple(config.augment.mask_ratio)
+            dataset, config.augment.multicrop(), tokenizer, config.augment.mask_probability, tuple(config.augment.mask_ratio)
         )
         weights = dataset.sample_weights() if hasattr(dataset, "sample_weights") else None
         batches = TokenBudgetBatchSampler(
@@ -309,8 +253,6 @@ class Trainer:
             # which a resumed run must find exactly as the uninterrupted run left it.
             generator=torch.Generator().manual_seed(run.seed),
         )
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.resumed_from: Path | None = self._resume() if resume else None
 
     # ----------------------------------------------------------------------------------------------
 
@@ -326,6 +268,7 @@ class Trainer:
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """The run's state as a training checkpoint holds it (:func:`mmv.train.checkpoint.training_state`)."""
         rng = capture_rng_state()
         if self.world_size > 1:
             gathered = [None] * self.world_size
@@ -333,18 +276,17 @@ class Trainer:
             rng = gathered
         else:
             rng = [rng]
-        return {
-            "format": TRAINING_CHECKPOINT_FORMAT,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rng,
-            "config": json.dumps(self.config.to_dict()),
-        }
+        return training_state(
+            step=self.step,
+            epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch,
+            student=self.student,
+            teacher=self.teacher,
+            objective=self.objective,
+            optimizer=self.optimizer,
+            rng_states=rng,
+            config=self.config,
+        )
 
     def _resume(self) -> Path | None:
         """Restore the newest checkpoint that verifies; returns its path (None when there is none)."""
@@ -366,73 +308,16 @@ class Trainer:
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         """Check that ``state`` fits this run, then load it; CheckpointError naming ``path`` if it does not."""
-        try:
-            self._check_state(path, state)
-            self.student.load_state_dict(state["student"])
-            self.teacher.load_state_dict(state["teacher"])
-            self.objective.load_state_dict(state["objective"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            restore_rng_state(state["rng"][self.rank])
-        except CheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:  # unforeseen damage
-            raise CheckpointError(path, f"cannot restore the run from it ({type(error).__name__}: {error})") from error
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-
-    def _check_state(self, path: Path, state: dict[str, Any]) -> None:
-        if state.get("format") != TRAINING_CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                path, f"not an mmv pretraining checkpoint (expected format {TRAINING_CHECKPOINT_FORMAT!r})"
-            )
-        required = ("step", "epoch", "batch_in_epoch", "student", "teacher", "objective", "optimizer", "rng")
-        missing = [key for key in required if key not in state]
-        if missing:
-            raise CheckpointError(path, f"the checkpoint lacks {missing}")
-        for key in ("step", "epoch", "batch_in_epoch"):
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
-                raise CheckpointError(path, f"{key!r} must be a non-negative int, got {value!r}")
-        for key, module in (("student", self.student), ("teacher", self.teacher), ("objective", self.objective)):
-            if not isinstance(state[key], dict) or not all(isinstance(t, torch.Tensor) for t in state[key].values()):
-                raise CheckpointError(path, f"{key!r} must be a dict of tensors")
-            try:
-                check_state_dict(path, state[key], module.state_dict())
-            except CheckpointError as error:
-                raise CheckpointError(path, f"{key}: {error.reason}") from None
-        self._check_optimizer_state(path, state["optimizer"])
-        rng_states = state["rng"]
-        if not isinstance(rng_states, list) or len(rng_states) != self.world_size:
-            count = len(rng_states) if isinstance(rng_states, list) else "no list of"
-            raise CheckpointError(
-                path, f"the checkpoint holds random states of {count} processes, this run has {self.world_size}"
-            )
-        try:
-            check_rng_state(rng_states[self.rank])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-            raise CheckpointError(path, f"unusable random generator states ({error})") from None
-
-    def _check_optimizer_state(self, path: Path, saved: Any) -> None:
-        """The saved AdamW state must have this optimiser's groups, and tensors shaped like their parameters."""
-        if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)):
-            raise CheckpointError(path, "'optimizer' must be an optimiser state (a dict of 'state' and 'param_groups')")
-        groups = self.optimizer.param_groups
-        saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved["param_groups"]]
-        sizes = [len(g["params"]) for g in groups]
-        if saved_sizes != sizes:
-            raise CheckpointError(path, f"the optimiser state has groups of {saved_sizes} parameters, this run's optimiser {sizes}")
-        parameters = {}
-        for saved_group, group in zip(saved["param_groups"], groups):
-            parameters.update(zip(saved_group["params"], group["params"]))
-        for index, values in saved["state"].items():
-            if index not in parameters or not isinstance(values, dict):
-                raise CheckpointError(path, f"the optimiser state has an entry {index!r} for no parameter")
-            shape = tuple(parameters[index].shape)
-            for name, value in values.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shape:
-                    raise CheckpointError(
-                        path,
-                        f"optimiser state {name!r} of parameter {index} has shape {tuple(value.shape)}, the parameter {shape}",
-                    )
+        self.step, self.epoch, self.batch_in_epoch = restore_training_state(
+            path,
+            state,
+            student=self.student,
+            teacher=self.teacher,
+            objective=self.objective,
+            optimizer=self.optimizer,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def _save(self) -> None:
         state = self.state_dict()
@@ -451,8 +336,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
 
-    def _batches(self):
-        """Micro-batches from the current data position onward, epoch after epoch."""
+    def batches(self) -> Iterator[SslBatch]:
+        """Micro-batches from the current data position onward, epoch after epoch.
+
+        Each one drawn moves the data position (``epoch``, ``batch_in_epoch``) on, as :meth:`train` does.
+        """
         while True:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             for batch in self.loader:
@@ -488,7 +376,7 @@ class Trainer:
             total=optim.steps, initial=self.step, desc="pretrain", disable=not (run.progress and self.rank == 0)
         )
         last_step = optim.steps if until_step is None else min(int(until_step), optim.steps)
-        batches = self._batches()
+        batches = self.batches()
         started = time.perf_counter()
         while self.step < last_step:
             values = self.schedules(self.step)

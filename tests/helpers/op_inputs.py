@@ -1,4 +1,4 @@
-"""Shared pieces of the op tests: tolerances per dtype, input layouts, packed-batch builders and
+"""What the op tests share: tolerances per dtype, input layouts, packed-batch builders and
 hypothesis strategies.
 
 Low-precision results are always compared with a float64 reference computed from the same rounded
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+from mmv.ops import rope_freqs
 
 
 @dataclass(frozen=True)
@@ -220,3 +222,26 @@ def rope_sections(draw, num_pairs: int) -> tuple[int, int, int]:
     covers_all = draw(st.booleans())
     s_x = num_pairs - s_z - s_y if covers_all else draw(st.integers(0, num_pairs - s_z - s_y))
     return (s_z, s_y, s_x)
+
+
+@st.composite
+def rope_problems(draw, dtype_strategy=dtypes):
+    """Inputs of one rope3d call: x in some layout, coordinates in millimetres, frequencies, sections."""
+    head_dim = draw(rope_head_dims)
+    num_pairs = head_dim // 2
+    sections = draw(rope_sections(num_pairs))
+    num_tokens = draw(st.one_of(st.just(0), st.just(1), st.integers(2, 48)))
+    num_heads = draw(st.integers(1, 4))
+    dtype = draw(dtype_strategy)
+    layout = draw(layouts)
+    generator = generator_from(draw(seeds))
+    (x,) = make_token_head_tensors(1, num_tokens, num_heads, head_dim, dtype, layout, generator)
+    # Coordinates in mm reach hundreds of radians at frequency 1; random frequencies include negative
+    # ones and ones that are not of the default geometric form.
+    coords = random_coords(num_tokens, generator)
+    if draw(st.booleans()):
+        freqs = rope_freqs(head_dim, sections, base=draw(st.sampled_from([10.0, 100.0, 10000.0])))
+    else:
+        freqs = (torch.rand(num_pairs, generator=generator) * 3 - 1.5).float()
+    interleaved = draw(st.booleans())
+    return x, coords, freqs, sections, interleaved

@@ -26,6 +26,7 @@ from typing import Any
 
 from mmv.data.preprocess import DEFAULT_CT_SPACING, DEFAULT_CT_WINDOW, DEFAULT_XRAY_SHORT_SIDE
 from mmv.model.config import PRESETS, EncoderConfig
+from mmv.ssl.augment import CropSpec, MultiCrop
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -189,29 +190,54 @@ class DataConfig(_Section):
     cache_dir: str | None = None
 
 
+# The views' defaults are written once, in MultiCrop and CropSpec; the [augment] section takes them from here.
+_VIEWS = MultiCrop()
+
+
 @dataclass
 class AugmentConfig(_Section):
-    """Multi-crop views (see :class:`mmv.ssl.augment.MultiCrop`), token dropping and iBOT masking."""
+    """Multi-crop views, token dropping and iBOT masking.
 
-    num_global: int = 2
-    num_local: int = 8
-    global_size_2d: tuple[int, int] = (224, 224)
-    global_size_3d: tuple[int, int, int] = (96, 96, 96)
-    local_size_2d: tuple[int, int] = (96, 96)
-    local_size_3d: tuple[int, int, int] = (48, 48, 48)
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
-    aspect_ratio: tuple[float, float] = (0.75, 4 / 3)
-    contrast: tuple[float, float] = (0.8, 1.2)
-    brightness: tuple[float, float] = (-0.1, 0.1)
-    blur_probability: float = 0.5
-    blur_sigma_mm: tuple[float, float] = (0.5, 4.0)
-    noise_probability: float = 0.5
-    noise_std: tuple[float, float] = (0.0, 0.05)
-    flip_axes: tuple[str, ...] = ()
+    The view fields and their defaults are those of :class:`mmv.ssl.augment.MultiCrop` and its two
+    :class:`~mmv.ssl.augment.CropSpec` (``global_*`` and ``local_*``; one ``aspect_ratio`` for both);
+    :meth:`multicrop` builds it.
+    """
+
+    num_global: int = _VIEWS.num_global
+    num_local: int = _VIEWS.num_local
+    global_size_2d: tuple[int, int] = _VIEWS.global_crop.size_2d
+    global_size_3d: tuple[int, int, int] = _VIEWS.global_crop.size_3d
+    local_size_2d: tuple[int, int] = _VIEWS.local_crop.size_2d
+    local_size_3d: tuple[int, int, int] = _VIEWS.local_crop.size_3d
+    global_scale: tuple[float, float] = _VIEWS.global_crop.scale
+    local_scale: tuple[float, float] = _VIEWS.local_crop.scale
+    aspect_ratio: tuple[float, float] = _VIEWS.global_crop.aspect_ratio
+    contrast: tuple[float, float] = _VIEWS.contrast
+    brightness: tuple[float, float] = _VIEWS.brightness
+    blur_probability: float = _VIEWS.blur_probability
+    blur_sigma_mm: tuple[float, float] = _VIEWS.blur_sigma_mm
+    noise_probability: float = _VIEWS.noise_probability
+    noise_std: tuple[float, float] = _VIEWS.noise_std
+    flip_axes: tuple[str, ...] = _VIEWS.flip_axes
     token_drop_rate: float = 0.0
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
+
+    def multicrop(self) -> MultiCrop:
+        """The :class:`~mmv.ssl.augment.MultiCrop` of this section."""
+        return MultiCrop(
+            global_crop=CropSpec(self.global_size_2d, self.global_size_3d, self.global_scale, self.aspect_ratio),
+            local_crop=CropSpec(self.local_size_2d, self.local_size_3d, self.local_scale, self.aspect_ratio),
+            num_global=self.num_global,
+            num_local=self.num_local,
+            contrast=self.contrast,
+            brightness=self.brightness,
+            blur_probability=self.blur_probability,
+            blur_sigma_mm=self.blur_sigma_mm,
+            noise_probability=self.noise_probability,
+            noise_std=self.noise_std,
+            flip_axes=self.flip_axes,
+        )
 
 
 # Ranges of the SSL head sizes: far beyond any published recipe (DINOv2: 131072 prototypes, 4096 hidden).
