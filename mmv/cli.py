@@ -7,12 +7,16 @@
     writes a phantom data set (:mod:`mmv.data.phantom`).
 ``mmv demo [--out DIR] [--set section.key=value ...]``
     phantoms -> pretraining -> linear probes, pretrained against random initialisation (:mod:`mmv.demo`).
-``mmv embed CHECKPOINT --dataset KIND --data PATH --out DIR``
-    frozen features of a data set as a feature table (:mod:`mmv.eval.embed`).
+``mmv embed CHECKPOINT [CHECKPOINT ...] --dataset KIND --data PATH --out DIR [--name NAME ...]``
+    frozen features of a data set as a feature table (:mod:`mmv.eval.embed`); with several checkpoints,
+    one table per encoder in ``DIR/NAME``, each image read once for all of them.
 ``mmv probe FEATURES --protocol NAME --out DIR [--modality TAG]`` and ``mmv analyze FEATURES --out DIR``
     evaluation of feature tables (:mod:`mmv.eval.commands`).
 
-Every option has a help text and ``--help`` shows each default. Errors in the input (a missing file, an
+Every command's arguments are defined here, and only here; the library functions take plain Python
+values. A command's arguments are defined when that command is parsed, and the library is imported by
+the command that runs, so ``mmv --help`` imports no torch. Every option has a help text and ``--help``
+shows each default. Errors in the input (a missing file, an
 invalid config value, an unreadable checkpoint, image or feature table) end the command with a one-line
 message on stderr and exit status 2, without a traceback.
 """
@@ -22,12 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-
-from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
-from mmv.data.io import ImageReadError
-from mmv.eval.embed import add_embed_arguments
-from mmv.eval.features import FeatureTableError
+from collections.abc import Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -59,15 +58,34 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``mmv`` command and its subcommands."""
-    parser = argparse.ArgumentParser(prog="mmv", description="One ViT for chest X-rays and CT: pretraining and evaluation.")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser whose arguments ``define`` adds when the subcommand is first parsed or its
+    help printed: a command whose options show a library default (the demo's settings, the modality
+    tags) imports that library only when it is the command asked for."""
 
-    def add_command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+    def __init__(self, *args, define: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._define = define
 
-    pretrain = add_command("pretrain", "self-supervised pretraining from a TOML run config")
+    def _defined(self) -> None:
+        if self._define is not None:
+            define, self._define = self._define, None
+            define(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._defined()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._defined()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._defined()
+        return super().format_usage()
+
+
+def _pretrain_arguments(pretrain: argparse.ArgumentParser) -> None:
     pretrain.add_argument(
         "--config",
         help="TOML run config (sections model, data, augment, ssl, optim, run; see configs/); required to train, "
@@ -80,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of run.out_dir")
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
-    phantom = add_command("phantom", "write a synthetic chest CT / radiograph data set")
+
+def _phantom_arguments(phantom: argparse.ArgumentParser) -> None:
     phantom.add_argument("--out", required=True, help="output directory")
     phantom.add_argument("--count", type=_positive_int, default=200, help="phantoms (each one CT and one radiograph)")
     phantom.add_argument("--seed", type=int, default=0, help="seed of the phantoms")
@@ -91,11 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes writing phantoms in parallel; the data set is the same for any number (default: one per core)",
     )
 
-    demo = add_command("demo", "phantoms -> pretraining -> linear probes, pretrained vs random init")
-    demo.add_argument("--out", default="mmv-demo", help="output directory (default: mmv-demo)")
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     from mmv.demo import DemoSettings
 
     defaults = DemoSettings()
+    demo.add_argument("--out", default="mmv-demo", help="output directory (default: mmv-demo)")
     demo.add_argument("--phantoms", type=_positive_int, help=f"number of phantoms (default: {defaults.num_phantoms})")
     demo.add_argument("--steps", type=_positive_int, help=f"pretraining steps (default: {defaults.steps})")
     demo.add_argument("--seed", type=int, help=f"seed of the phantoms, initialisation and probes (default: {defaults.seed})")
@@ -105,14 +125,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one value of the pretraining config (TOML syntax), e.g. --set run.seed=1; repeatable",
     )
 
-    add_embed_arguments(add_command("embed", "frozen encoder features of a data set"))
 
-    probe = add_command("probe", "linear probe on a feature table under an evaluation protocol")
+def _embed_arguments(embed: argparse.ArgumentParser) -> None:
+    from mmv.data.dataset_spec import DATASET_KINDS
+
+    embed.add_argument(
+        "checkpoints", nargs="+", metavar="CHECKPOINT",
+        help="encoder directory, training checkpoint (.pt) or pretraining run directory; several are embedded "
+        "together, each image read once for all of them (see --name)",
+    )
+    embed.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="kind of data set")
+    embed.add_argument("--data", required=True, help="the manifest CSV, or the data set's root directory")
+    embed.add_argument(
+        "--out", required=True,
+        help="feature table directory to write; with several checkpoints, the directory of their tables",
+    )
+    embed.add_argument(
+        "--name", dest="names", action="append", metavar="NAME",
+        help="with several checkpoints: the table of each, in --out/NAME, one --name per checkpoint in order",
+    )
+    embed.add_argument(
+        "--split", dest="splits", action="append", metavar="SPLIT",
+        help="embed only this split (repeatable); default all (mimic: train, validate, test; chexpert and "
+        "ctrate: train, valid; manifest: values of its split column)",
+    )
+    embed.add_argument("--fixed", action="store_true", help="ctrate: read the header-fixed volumes")
+    embed.add_argument("--id-column", help="manifest: the id column (default 'id' when present, else the path)")
+    embed.add_argument(
+        "--label-columns", nargs="+", metavar="NAME",
+        help="manifest: the label columns (default: all but path, modality, id, split and group)",
+    )
+    embed.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch (default: 16384)")
+    embed.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    embed.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    embed.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast")
+    embed.add_argument(
+        "--ct-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
+        help="CT voxel size in mm (default: the encoder's)",
+    )
+    embed.add_argument(
+        "--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU (default: the encoder's)"
+    )
+    xray = embed.add_mutually_exclusive_group()
+    xray.add_argument("--xray-spacing", type=float, help="X-ray pixel size in mm (default: the encoder's)")
+    xray.add_argument("--xray-short-side", type=int, help="X-ray short side in pixels (default: the encoder's)")
+    embed.add_argument("--cache-dir", help="preprocessing cache directory")
+    embed.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise",
+        help="what to do with unreadable images (default: raise)",
+    )
+    embed.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _probe_arguments(probe: argparse.ArgumentParser) -> None:
+    from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
+    from mmv.eval.protocols import PROTOCOLS
+
     probe.add_argument("features", help="feature table directory")
-    probe.add_argument("--protocol", required=True, help="chexpert5, mimic14, ctrate18 or manifest")
+    probe.add_argument("--protocol", required=True, help=", ".join(PROTOCOLS))
     probe.add_argument("--out", required=True, help="output directory")
     probe.add_argument("--labels-root", help="the data set's label directory (not needed by 'manifest')")
-    probe.add_argument("--array", default="cls", help="feature array to probe (default: cls)")
+    probe.add_argument(
+        "--array", dest="arrays", nargs="+", default=["cls"], metavar="NAME",
+        help="feature array to probe; several are probed side by side, e.g. cls patch_mean (default: cls)",
+    )
     probe.add_argument(
         "--modality", metavar="TAG",
         help=f"probe only the rows of this modality tag of a mixed table, e.g. {CT_MODALITY} or {XRAY_MODALITY} "
@@ -120,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--seed", type=int, default=0, help="seed of the carved validation split and the bootstrap")
 
-    analyze = add_command("analyze", "how two modalities share the feature space")
+
+def _analyze_arguments(analyze: argparse.ArgumentParser) -> None:
+    from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
+
     analyze.add_argument("features", help="feature table directory")
     analyze.add_argument("--out", required=True, help="output directory")
     analyze.add_argument("--second-features", help="a second feature table for the second modality")
@@ -130,13 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--array", default="cls", help="feature array to analyse")
     analyze.add_argument("--seed", type=int, default=0, help="seed of the row subsets, splits and bootstrap")
-    return parser
-
-
-def _embed(args: argparse.Namespace) -> int:
-    from mmv.eval.embed import main_embed
-
-    return main_embed(args)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -179,12 +252,63 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from mmv.data.dataset_spec import DatasetSpec
+    from mmv.eval.embed import RUN_FILE, run_embed, run_embed_encoders
+
+    if len(args.checkpoints) > 1 and len(args.names or ()) != len(args.checkpoints):
+        raise ValueError(
+            f"--name must be given once per checkpoint ({len(args.checkpoints)} checkpoints, "
+            f"{len(args.names or ())} names): each encoder's table is --out/NAME"
+        )
+    if len(args.checkpoints) == 1 and args.names:
+        raise ValueError("--name applies to several checkpoints; with one, --out is its table")
+    spec = DatasetSpec(
+        kind=args.dataset,
+        path=args.data,
+        splits=None if not args.splits else tuple(args.splits),
+        fixed=args.fixed,
+        id_column=args.id_column,
+        label_columns=None if args.label_columns is None else tuple(args.label_columns),
+    )
+    options = {
+        "max_tokens": args.max_tokens,
+        "num_workers": args.num_workers,
+        "device": args.device,
+        "bf16": args.bf16,
+        "ct_spacing": args.ct_spacing,
+        "ct_window": args.ct_window,
+        "xray_spacing": args.xray_spacing,
+        "xray_short_side": args.xray_short_side,
+        "cache_dir": args.cache_dir,
+        "on_error": args.on_error,
+        "resume": not args.no_resume,
+        "progress": not args.no_progress,
+    }
+    if args.names:
+        if len(set(args.names)) != len(args.names):
+            raise ValueError(f"--name must name each checkpoint's table differently, got {args.names}")
+        runs = run_embed_encoders(dict(zip(args.names, args.checkpoints)), spec, args.out, **options)
+    else:
+        runs = {"": run_embed(args.checkpoints[0], spec, args.out, **options)}
+    for name, run in runs.items():
+        which = f"{name}: " if name else ""
+        if run.encoded:
+            print(f"{which}{run.encoded} images encoded in {run.seconds:.1f} s ({run.images_per_s:.2f} images/s)")
+        else:
+            print(f"{which}the feature table was already complete")
+        if run.skipped_ids:
+            print(f"{which}{len(run.skipped_ids)} unreadable images left out (listed in {run.directory / RUN_FILE})")
+        print(f"{which}{run.num_rows} rows of features in {run.directory}")
+    return 0
+
+
 def _probe(args: argparse.Namespace) -> int:
     from mmv.eval.commands import run_probe
 
     run = run_probe(
-        args.features, args.protocol, args.out, labels_root=args.labels_root, array=args.array,
-        modality=args.modality, seed=args.seed,
+        args.features, args.protocol, args.out, labels_root=args.labels_root,
+        array=args.arrays[0] if len(args.arrays) == 1 else tuple(args.arrays), modality=args.modality, seed=args.seed,
     )
     print(f"macro AUROC {run.evaluation.macro_auroc:.4f}; results in {run.outputs['json']}")
     return 0
@@ -201,21 +325,45 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-# What bad input raises (CheckpointError and TableError are ValueErrors, FileNotFoundError an OSError):
-# reported in one line; anything else is a defect and keeps its traceback.
-_INPUT_ERRORS = (ValueError, TypeError, OSError, FeatureTableError, ImageReadError)
-
+# Each command: its one-line summary, the function defining its arguments and the one running it.
 _COMMANDS = {
-    "pretrain": _pretrain, "phantom": _phantom, "demo": _demo, "embed": _embed, "probe": _probe, "analyze": _analyze,
+    "pretrain": ("self-supervised pretraining from a TOML run config", _pretrain_arguments, _pretrain),
+    "phantom": ("write a synthetic chest CT / radiograph data set", _phantom_arguments, _phantom),
+    "demo": ("phantoms -> pretraining -> linear probes, pretrained vs random init", _demo_arguments, _demo),
+    "embed": ("frozen encoder features of a data set", _embed_arguments, _embed),
+    "probe": ("linear probe on a feature table under an evaluation protocol", _probe_arguments, _probe),
+    "analyze": ("how two modalities share the feature space", _analyze_arguments, _analyze),
 }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``mmv`` command and its subcommands."""
+    parser = argparse.ArgumentParser(prog="mmv", description="One ViT for chest X-rays and CT: pretraining and evaluation.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+    for name, (summary, define, _) in _COMMANDS.items():
+        commands.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter, define=define)
+    return parser
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises, reported in one line; anything else is a defect and keeps its traceback.
+
+    CheckpointError and TableError are ValueErrors, FileNotFoundError an OSError. Imported when a command
+    has failed, so that the parser stays light."""
+    from mmv.data.io import ImageReadError
+    from mmv.eval.features import FeatureTableError
+
+    return (ValueError, TypeError, OSError, FeatureTableError, ImageReadError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mmv`` command; returns the exit status (errors in the input exit with status 2)."""
     args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
-    except _INPUT_ERRORS as error:
+        return _COMMANDS[args.command][2](args)
+    except Exception as error:
+        if not isinstance(error, _input_errors()):
+            raise
         print(f"mmv {args.command}: error: {error}", file=sys.stderr)
         return 2
 

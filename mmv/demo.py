@@ -4,14 +4,18 @@
    five findings, train / val / test splits by phantom.
 2. Pretrains ``vit_tiny`` on the training phantoms' CTs and radiographs together, in mixed 2D/3D
    token-budget batches, with the DINOv2 objective (:mod:`mmv.train`, :mod:`mmv.ssl.objective`).
-3. Encodes every image with the pretrained (teacher) encoder and with the same encoder before
-   pretraining (its random initialisation), features = CLS token and mean patch token side by side.
-4. Fits a linear probe per modality and encoder on the training split (strength chosen on val) and
-   measures per-finding and macro AUROC on the test split, with bootstrap intervals, and the difference
-   between the two encoders with a paired bootstrap interval (:func:`mmv.eval.probe.paired_macro_auroc_difference`).
+3. Embeds every image of the phantom manifest with the pretrained (teacher) encoder and with the same
+   encoder before pretraining (its random initialisation), as ``mmv embed`` does: one embed run for both
+   encoders, each image read once (:func:`mmv.eval.embed.run_embed_encoders`), a feature table each.
+4. Probes each modality and encoder as ``mmv probe --protocol manifest --array cls patch_mean --modality
+   TAG`` does (:func:`mmv.eval.commands.run_probe`): a linear probe on the CLS and mean patch tokens side
+   by side, fitted on the training split (strength chosen on val), per-finding and macro AUROC on the test
+   split with bootstrap intervals; then the difference between the two encoders with a paired bootstrap
+   interval (:func:`mmv.eval.commands.compare_probe_runs`).
 
 ``run_demo(out_dir)`` writes ``demo_results.json``, ``demo_results.md`` and ``demo_auroc.png`` into
-``out_dir`` (besides the phantoms and the pretraining run) and returns the results.
+``out_dir``, besides the phantoms, the pretraining run, the feature tables (``features/ssl``,
+``features/random``) and the probe runs' reports (``probes/ssl``, ``probes/random``), and returns the results.
 """
 
 from __future__ import annotations
@@ -20,27 +24,27 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from mmv.data.dataset_spec import DatasetSpec
 from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
-from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
-from mmv.eval.probe import evaluate_probe, fit_linear_probe, paired_macro_auroc_difference
+from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
+from mmv.eval.commands import ProbeRun, compare_probe_runs, run_probe
+from mmv.eval.embed import ARRAY_NAMES, run_embed_encoders
+from mmv.eval.report import plot_auroc_comparison
 from mmv.model.encoder import Encoder
-from mmv.packing import pack
 from mmv.train.config import PretrainConfig, apply_overrides
 from mmv.train.sources import build_pretraining_sources, modality_preprocess
 from mmv.train.trainer import Trainer
 
-__all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo", "extract_features"]
+__all__ = ["DemoSettings", "demo_config", "initial_encoder", "run_demo"]
 
 MODALITIES = {"xray": XRAY_MODALITY, "ct": CT_MODALITY}
+ENCODERS = {"ssl": "pretrained", "random": "random init"}
 # Bootstrap replicates behind every interval the demo reports.
 _BOOTSTRAP_RESAMPLES = 1000
 
@@ -150,108 +154,28 @@ def initial_encoder(config: PretrainConfig) -> Encoder:
     """The encoder a pretraining run of ``config`` starts from: the demo's random-init baseline.
 
     :class:`mmv.train.Trainer` seeds torch with ``run.seed`` and draws its encoder first, so this is the
-    same initialisation, weight for weight.
+    same initialisation, weight for weight. Its :attr:`~mmv.Encoder.preprocess` is the run's, as the
+    pretrained encoder records it, so that both see the images alike.
     """
     torch.manual_seed(config.run.seed)
-    return Encoder(config.model.encoder_config())
+    encoder = Encoder(config.model.encoder_config())
+    encoder.preprocess = modality_preprocess(config.data)
+    return encoder
 
 
-@torch.no_grad()
-def extract_features(
-    encoders: Mapping[str, Encoder], dataset, max_tokens: int = 4096, progress: bool = True
-) -> tuple[dict[str, np.ndarray], list[int]]:
-    """``(N, 2C)`` float32 features (CLS token, mean patch token) of the readable samples of ``dataset``
-    under each of ``encoders`` (by name), and the indices of those samples.
-
-    Every sample is read once for all encoders (reading and preprocessing cost far more than encoding),
-    so the encoders must cut images alike: they must share one patch size. Images are packed up to
-    ``max_tokens`` tokens per forward pass, the same packs for every encoder.
-    """
-    if not encoders:
-        raise ValueError("extract_features: encoders must name at least one encoder")
-    patch_sizes = {name: tuple(encoder.config.patch_size) for name, encoder in encoders.items()}
-    if len(set(patch_sizes.values())) > 1:
-        raise ValueError(f"extract_features: encoders must share one patch size, got {patch_sizes}")
-    for encoder in encoders.values():
-        encoder.eval()
-    tokenizer = next(iter(encoders.values())).tokenizer
-    features = {name: [] for name in encoders}
-    indices, pending, pending_tokens = [], [], 0
-
-    def flush() -> None:
-        nonlocal pending, pending_tokens
-        if pending:
-            batch = pack([item for _, item in pending])
-            for name, encoder in encoders.items():
-                out = encoder(batch)
-                features[name].append(torch.cat((out.cls, out.pooled), dim=1).float().numpy())
-            indices.extend(index for index, _ in pending)
-        pending, pending_tokens = [], 0
-
-    for index in tqdm(range(len(dataset)), desc="features", disable=not progress, leave=False):
-        sample = dataset[index]
-        if sample is None:
-            continue
-        item = tokenizer(sample.image)
-        if pending_tokens + item.num_tokens > max_tokens:
-            flush()
-        pending.append((index, item))
-        pending_tokens += item.num_tokens
-    flush()
-    return {name: np.concatenate(chunks) for name, chunks in features.items()}, indices
-
-
-def _probe(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, seed: int) -> tuple[dict[str, Any], Any]:
-    """The probe's figures on the test split, and its :class:`mmv.eval.probe.ProbeEvaluation`."""
-    rows = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
-    probe = fit_linear_probe(
-        features[rows["train"]], labels[rows["train"]], features[rows["val"]], labels[rows["val"]],
-        label_names=PHANTOM_FINDINGS, progress=False,
-    )
-    evaluation = evaluate_probe(
-        probe, features[rows["test"]], labels[rows["test"]], num_resamples=_BOOTSTRAP_RESAMPLES, seed=seed
-    )
-    figures = {
+def _figures(run: ProbeRun) -> dict[str, Any]:
+    """What the demo reports of one probe run: per-finding and macro AUROC on the test split, with intervals."""
+    evaluation = run.evaluation
+    return {
         "macro_auroc": float(evaluation.macro_auroc),
         "macro_auroc_interval": [float(v) for v in evaluation.interval.macro],
-        "per_finding": {name: float(value) for name, value in zip(PHANTOM_FINDINGS, evaluation.auroc)},
+        "per_finding": {name: float(value) for name, value in zip(evaluation.label_names, evaluation.auroc)},
         "per_finding_interval": {
-            name: [float(v) for v in interval] for name, interval in zip(PHANTOM_FINDINGS, evaluation.interval.per_label)
+            name: [float(v) for v in interval]
+            for name, interval in zip(evaluation.label_names, evaluation.interval.per_label)
         },
-        "test_rows": int(rows["test"].size),
+        "test_rows": len(run.data.test),
     }
-    return figures, evaluation
-
-
-def _plot(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-    names = list(PHANTOM_FINDINGS) + ["macro"]
-    positions = np.arange(len(names))
-    for axis, modality in zip(axes, MODALITIES):
-        for offset, encoder in ((-0.2, "ssl"), (0.2, "random")):
-            detail = results["detail"][modality][encoder]
-            values = np.array([detail["per_finding"][n] for n in PHANTOM_FINDINGS] + [detail["macro_auroc"]])
-            intervals = np.array([detail["per_finding_interval"][n] for n in PHANTOM_FINDINGS] + [detail["macro_auroc_interval"]])
-            # Whiskers: the 95 % bootstrap interval over the test phantoms.
-            whiskers = np.clip(np.stack((values - intervals[:, 0], intervals[:, 1] - values)), 0.0, None)
-            axis.bar(
-                positions + offset, values, width=0.4, yerr=whiskers, capsize=3,
-                label="pretrained" if encoder == "ssl" else "random init",
-            )
-        axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-        axis.set_xticks(positions, names, rotation=30, ha="right")
-        axis.set_title(f"{modality}: linear probe AUROC, test split (95 % CI)")
-        axis.set_ylim(0.3, 1.0)
-        axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
 
 
 def _number(value: float, signed: bool = False) -> str:
@@ -314,27 +238,35 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     random_encoder = initial_encoder(config)
     trainer = Trainer(config, dataset=build_pretraining_sources(config.data))
     trainer.train()
-    pretrained_encoder = trainer.teacher.module.encoder
     timings["pretrain_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    # The probes see the images as pretraining did.
-    dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
-    detail: dict[str, dict[str, Any]] = {}
-    difference: dict[str, dict[str, Any]] = {}
-    features, indices = extract_features({"ssl": pretrained_encoder, "random": random_encoder}, dataset, progress=progress)
+    # From here the demo takes the product's path: `mmv embed` of the phantom manifest with both encoders
+    # (the pretraining run's, and the random initialisation with the run's preprocessing), then `mmv probe`.
+    embedded = run_embed_encoders(
+        {"ssl": trainer.out_dir, "random": random_encoder},
+        DatasetSpec("manifest", manifest, id_column="id"),
+        out_dir / "features",
+        device="cpu",
+        resume=False,
+        progress=progress,
+    )
     timings["features_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    records = [dataset.records[i] for i in indices]
+    detail: dict[str, dict[str, Any]] = {}
+    difference: dict[str, dict[str, Any]] = {}
+    probes: dict[str, dict[str, ProbeRun]] = {}
     for modality, tag in MODALITIES.items():
-        detail[modality], evaluations = {}, {}
-        rows = np.array([record.modality == tag for record in records])
-        labels = np.array([record.labels for record in records], dtype=np.float64)[rows]
-        splits = np.array([record.split for record in records], dtype=object)[rows]
-        for name, encoder_features in features.items():
-            detail[modality][name], evaluations[name] = _probe(encoder_features[rows], labels, splits, settings.seed)
-        difference[modality] = paired_macro_auroc_difference(
-            evaluations["ssl"], evaluations["random"], settings.seed, num_resamples=_BOOTSTRAP_RESAMPLES
+        probes[modality] = {
+            name: run_probe(
+                embedded[name].directory, "manifest", out_dir / "probes" / name, array=ARRAY_NAMES, modality=tag,
+                seed=settings.seed, num_resamples=_BOOTSTRAP_RESAMPLES, progress=False,
+            )
+            for name in ENCODERS
+        }
+        detail[modality] = {name: _figures(run) for name, run in probes[modality].items()}
+        difference[modality] = compare_probe_runs(
+            probes[modality]["ssl"], probes[modality]["random"], seed=settings.seed, num_resamples=_BOOTSTRAP_RESAMPLES
         )
     timings["probe_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
@@ -347,7 +279,15 @@ def run_demo(out_dir: str | Path = "mmv-demo", settings: DemoSettings | None = N
     )
     (out_dir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out_dir / "demo_results.md").write_text(_markdown(results), encoding="utf-8")
-    _plot(results, out_dir / "demo_auroc.png")
+    plot_auroc_comparison(
+        out_dir / "demo_auroc.png",
+        {
+            f"{modality}: linear probe AUROC, test split": {
+                ENCODERS[name]: run.evaluation for name, run in probes[modality].items()
+            }
+            for modality in MODALITIES
+        },
+    )
     return results
 
 

@@ -121,3 +121,61 @@ def test_a_config_value_of_the_wrong_type_is_refused_naming_key_and_type(tmp_pat
     config.write_text('[model]\npreset = "vit_tiny"\n')
     assert main(["pretrain", "--config", str(config), "--set", "optim.lr=abc"]) == 2
     assert "optim.lr must be a number, got 'abc'" in capsys.readouterr().err
+
+
+LIGHT_INVOCATIONS = (["--help"], ["pretrain", "--help"], ["phantom", "--help"])
+
+
+@pytest.mark.parametrize("arguments", LIGHT_INVOCATIONS)
+def test_help_imports_no_torch(arguments):
+    # The command's help is printed by the package entry point; torch must not have been imported by then.
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['mmv', *{arguments!r}]\n"
+        "try:\n"
+        "    runpy.run_module('mmv', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0, stop.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "usage: mmv" in completed.stdout
+    assert completed.stdout.rstrip().endswith("torch not imported")
+
+
+def test_package_entry_point_runs_the_command():
+    completed = subprocess.run([sys.executable, "-m", "mmv", "--help"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0
+    for command in ("pretrain", "phantom", "demo", "embed", "probe", "analyze"):
+        assert command in completed.stdout
+
+
+def test_importing_mmv_is_light_and_its_names_load_on_first_use():
+    probe = (
+        "import sys\n"
+        "import mmv\n"
+        "assert 'torch' not in sys.modules\n"
+        "from mmv import Encoder, pack\n"
+        "import mmv.model, mmv.packing\n"
+        "assert Encoder is mmv.model.Encoder and pack is mmv.packing.pack and mmv.ops.rope3d\n"
+        "assert mmv.CheckpointError is mmv.model.CheckpointError\n"
+        "assert set(mmv.__all__) <= set(dir(mmv))\n"
+        "try:\n"
+        "    mmv.NoSuchName\n"
+        "except AttributeError as error:\n"
+        "    assert 'NoSuchName' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('mmv.NoSuchName did not raise')\n"
+        "print('ok')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "ok"
+
+
+def test_every_public_name_of_mmv_resolves():
+    import mmv
+
+    for name in mmv.__all__:
+        assert getattr(mmv, name) is not None, name

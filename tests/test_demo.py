@@ -4,14 +4,13 @@ import dataclasses
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
-from mmv.demo import DemoSettings, demo_config, extract_features, initial_encoder, run_demo
-from mmv.model.encoder import Encoder
-from mmv.packing import pack
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
+from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
+from mmv.demo import DemoSettings, demo_config, initial_encoder, run_demo
+from mmv.eval.features import read_feature_table
 from mmv.train.sources import build_pretraining_sources, modality_preprocess
 from mmv.train import Trainer
 
@@ -27,6 +26,8 @@ def test_random_baseline_is_the_pretraining_runs_initialisation(tmp_path):
     started = trainer.student.encoder.state_dict()
     assert baseline.keys() == started.keys()
     assert all(torch.equal(baseline[name], started[name]) for name in baseline)
+    # The baseline sees the images as the pretrained encoder does: with the run's preprocessing.
+    assert initial_encoder(config).preprocess == modality_preprocess(config.data)
 
 
 def test_demo_writes_both_encoders_results_per_modality(tmp_path):
@@ -47,6 +48,20 @@ def test_demo_writes_both_encoders_results_per_modality(tmp_path):
         assert len(difference["interval"]) == 2 and difference["confidence"] == 0.95
     assert (tmp_path / "demo_auroc.png").stat().st_size > 0
     assert "macro AUROC" in (tmp_path / "demo_results.md").read_text()
+    # The product's path: a feature table per encoder (the pretraining run's own encoder for "ssl") and
+    # the probe runs' reports, whose figures are those the demo reports.
+    tables = {name: read_feature_table(tmp_path / "features" / name) for name in ("ssl", "random")}
+    assert tables["ssl"].index.same_as(tables["random"].index) and len(tables["ssl"].index) == 2 * TINY.num_phantoms
+    records = {name: json.loads((tmp_path / "features" / name / "embed.json").read_text()) for name in tables}
+    assert records["ssl"]["checkpoint"] == str(tmp_path / "pretrain" / "encoder")
+    assert records["ssl"]["settings"]["preprocess"] == records["random"]["settings"]["preprocess"]
+    assert records["ssl"]["settings"]["weights_sha256"] != records["random"]["settings"]["weights_sha256"]
+    for modality, tag in (("xray", XRAY_MODALITY), ("ct", CT_MODALITY)):
+        for encoder in ("ssl", "random"):
+            report = json.loads((tmp_path / "probes" / encoder / f"manifest_{tag}.json").read_text())
+            assert report["array"] == "cls+patch_mean" and report["modality"] == tag
+            assert report["macro_auroc"] == pytest.approx(written["detail"][modality][encoder]["macro_auroc"], nan_ok=True)
+            assert report["rows"]["test"] == written["detail"][modality][encoder]["test_rows"]
 
 
 def test_overrides_change_the_recipe_and_the_baseline_follows_run_seed(tmp_path):
@@ -60,35 +75,3 @@ def test_overrides_change_the_recipe_and_the_baseline_follows_run_seed(tmp_path)
     assert not torch.equal(initial_encoder(base).state_dict()["cls_token"], initial_encoder(varied).state_dict()["cls_token"])
     with pytest.raises(ValueError, match="section.key=value"):
         demo_config(dataclasses.replace(TINY, overrides=("run.seed",)), manifest, tmp_path / "run")
-
-
-def test_features_read_each_image_once_for_all_encoders_and_match_encoding_it_alone(tmp_path):
-    settings = PhantomSettings(ct_spacing=(TINY.ct_spacing,) * 3, xray_spacing=TINY.xray_spacing)
-    manifest = write_phantom_dataset(tmp_path / "phantoms", 3, 0, settings, progress=False)
-    config = demo_config(TINY, manifest, tmp_path / "run")
-    dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
-    encoders = {"first": initial_encoder(config), "second": Encoder(config.model.encoder_config())}
-    reads = []
-
-    class CountingReads:
-        def __len__(self):
-            return len(dataset)
-
-        def __getitem__(self, index):
-            reads.append(index)
-            return dataset[index]
-
-    # A small token budget packs several forward passes, each of several images of both kinds.
-    features, indices = extract_features(encoders, CountingReads(), max_tokens=200, progress=False)
-    assert reads == indices == list(range(len(dataset)))
-    with torch.no_grad():
-        for name, encoder in encoders.items():
-            assert features[name].shape == (len(dataset), 2 * encoder.config.embed_dim)
-            for index in indices:
-                out = encoder(pack([encoder.tokenizer(dataset[index].image)]))
-                alone = torch.cat((out.cls, out.pooled), dim=1)[0].numpy()
-                np.testing.assert_allclose(features[name][index], alone, rtol=1e-4, atol=1e-4)
-    assert not np.allclose(features["first"], features["second"])
-    coarse = Encoder(dataclasses.replace(config.model.encoder_config(), patch_size=(8, 8, 8)))
-    with pytest.raises(ValueError, match="patch size"):
-        extract_features({"fine": encoders["first"], "coarse": coarse}, dataset, progress=False)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
-from mmv.eval.commands import run_analysis, run_probe
-from mmv.eval.features import FeatureIndex, FeatureWriter
+from mmv.eval.commands import compare_probe_runs, run_analysis, run_probe
+from mmv.eval.features import FeatureIndex, FeatureWriter, read_feature_table
+from mmv.eval.report import plot_auroc_comparison
 from mmv.eval.protocols import CTRATE18_LABELS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -124,3 +125,74 @@ def test_run_analysis_names_a_missing_modality(tmp_path):
     features_dir = phantom_table(tmp_path / "features", num_phantoms=16)
     with pytest.raises(ValueError, match=r"modality 'MR' has 0 rows .* modalities there: \['CT', 'DX'\]"):
         run_analysis(features_dir, tmp_path / "out", modalities=(XRAY_MODALITY, "MR"), progress=False)
+
+
+def two_array_table(directory, num_rows=240, seed=0):
+    """Array ``a`` tells label ``left``, array ``b`` label ``right``; the manifest protocol's splits."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(num_rows, 2))
+    split_of = ["train"] * (num_rows * 5 // 8) + ["val"] * (num_rows // 8) + ["test"] * (num_rows // 4)
+    index = FeatureIndex(
+        ids=tuple(f"image{i}" for i in range(num_rows)),
+        splits=tuple(split_of),
+        modalities=(XRAY_MODALITY,) * num_rows,
+        groups=tuple(f"image{i}" for i in range(num_rows)),
+        label_names=("left", "right"),
+        labels=(latent > 0).astype(float),
+    )
+    arrays = {
+        "a": np.c_[latent[:, :1], rng.normal(size=(num_rows, 3))],
+        "b": np.c_[latent[:, 1:], rng.normal(size=(num_rows, 2))],
+    }
+    with FeatureWriter(directory, index, {name: value.shape[1] for name, value in arrays.items()}) as writer:
+        writer.write(np.arange(num_rows), arrays)
+    return directory, arrays
+
+
+def test_run_probe_of_several_arrays_probes_them_side_by_side(tmp_path):
+    features_dir, arrays = two_array_table(tmp_path / "features")
+    table = read_feature_table(features_dir, ("a", "b"))
+    assert table.array_name == "a+b"
+    np.testing.assert_array_equal(table.features, np.c_[arrays["a"], arrays["b"]].astype(np.float32))
+
+    alone = run_probe(features_dir, "manifest", tmp_path / "a", array="a", num_resamples=50, progress=False)
+    both = run_probe(features_dir, "manifest", tmp_path / "ab", array=("a", "b"), num_resamples=50, progress=False)
+    assert alone.evaluation.auroc[0] > 0.9 and alone.evaluation.auroc[1] < 0.75
+    assert (both.evaluation.auroc > 0.9).all()
+    summary = json.loads(both.outputs["json"].read_text())
+    assert summary["array"] == "a+b" and summary["feature_dim"] == 7
+    for bad in ((), ("a", "a"), ("a", 3)):
+        with pytest.raises(ValueError, match="array"):
+            read_feature_table(features_dir, bad)
+
+
+def test_compare_probe_runs_gives_the_paired_difference_of_the_same_test_rows(tmp_path):
+    features_dir, _ = two_array_table(tmp_path / "features")
+    both = run_probe(features_dir, "manifest", tmp_path / "ab", array=("a", "b"), num_resamples=50, progress=False)
+    alone = run_probe(features_dir, "manifest", tmp_path / "a", array="a", num_resamples=50, progress=False)
+
+    difference = compare_probe_runs(both, alone, seed=0, num_resamples=200)
+    expected = both.evaluation.macro_auroc - alone.evaluation.macro_auroc
+    assert difference["macro_auroc"] == pytest.approx(expected) and expected > 0.1
+    low, high = difference["interval"]
+    assert 0.0 < low < expected < high and difference["confidence"] == 0.95
+    assert compare_probe_runs(both, alone, seed=0, num_resamples=200) == difference
+
+    mixed = phantom_table(tmp_path / "mixed")
+    xray = run_probe(mixed, "manifest", tmp_path / "x", modality=XRAY_MODALITY, num_resamples=20, progress=False)
+    ct = run_probe(mixed, "manifest", tmp_path / "c", modality=CT_MODALITY, num_resamples=20, progress=False)
+    with pytest.raises(ValueError, match="same rows"):
+        compare_probe_runs(xray, ct)
+
+
+def test_auroc_comparison_plot(tmp_path):
+    features_dir, _ = two_array_table(tmp_path / "features")
+    both = run_probe(features_dir, "manifest", tmp_path / "ab", array=("a", "b"), num_resamples=20, progress=False)
+    alone = run_probe(features_dir, "manifest", tmp_path / "a", array="a", num_resamples=20, progress=False)
+    panels = {"first": {"both": both.evaluation, "a": alone.evaluation}, "second": {"a": alone.evaluation}}
+    path = plot_auroc_comparison(tmp_path / "plots" / "comparison.png", panels)
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    mixed = phantom_table(tmp_path / "mixed")
+    other = run_probe(mixed, "manifest", tmp_path / "m", num_resamples=20, progress=False)
+    with pytest.raises(ValueError, match="share their labels"):
+        plot_auroc_comparison(tmp_path / "bad.png", {"panel": {"a": alone.evaluation, "other": other.evaluation}})

@@ -1,5 +1,5 @@
-import argparse
 import csv
+import dataclasses
 import json
 import shutil
 import warnings
@@ -9,17 +9,13 @@ import pytest
 import torch
 from helpers.training import SyntheticImages, tiny_config
 
+from mmv.cli import build_parser, main
 from mmv.data import ModalityPreprocess
 from mmv.data.dataset_spec import DatasetSpec, open_dataset
-from mmv.data.datasets import CHEXPERT_LABELS
+from mmv.data.datasets import CHEXPERT_LABELS, Manifest
 from mmv.data.io import ImageReadError
 from mmv.data.phantom import PHANTOM_FINDINGS, PhantomSettings, write_phantom_dataset
-from mmv.eval.embed import (
-    RUN_FILE,
-    add_embed_arguments,
-    main_embed,
-    run_embed,
-)
+from mmv.eval.embed import ARRAY_NAMES, RUN_FILE, run_embed, run_embed_encoders
 from mmv.eval.encoders import embed_preprocess, load_encoder
 from mmv.eval.features import FeatureTableError, read_feature_table
 from mmv.model import CheckpointError, Encoder, EncoderConfig, MissingPreprocessWarning
@@ -230,15 +226,14 @@ def test_embed_command_arguments(manifest, tmp_path, capsys):
     encoder_dir, other_encoder_dir = tmp_path / "encoder", tmp_path / "other_encoder"
     tiny_encoder(seed=0).save_pretrained(encoder_dir)
     tiny_encoder(seed=1).save_pretrained(other_encoder_dir)
-    parser = add_embed_arguments(argparse.ArgumentParser(prog="mmv embed"))
     arguments = [
         "--dataset", "manifest", "--data", str(manifest), "--out", str(tmp_path / "features"),
         "--ct-spacing", *map(str, CT_SPACING), "--xray-spacing", str(XRAY_SPACING), "--max-tokens", "100",
         "--num-workers", "1", "--no-progress",
     ]
 
-    assert main_embed(parser.parse_args([str(encoder_dir), *arguments])) == 0
-    assert main_embed(parser.parse_args([str(other_encoder_dir), *arguments])) == 2
+    assert main(["embed", str(encoder_dir), *arguments]) == 0
+    assert main(["embed", str(other_encoder_dir), *arguments]) == 2
     assert "mmv embed: error:" in capsys.readouterr().err
 
     table = read_feature_table(tmp_path / "features")
@@ -246,13 +241,139 @@ def test_embed_command_arguments(manifest, tmp_path, capsys):
     record = json.loads((tmp_path / "features" / RUN_FILE).read_text())
     assert record["checkpoint"] == str(encoder_dir)
     assert record["preprocess_from"] == {"base": "the encoder", "arguments": ["ct_spacing", "xray_spacing"]}
+    parser = build_parser()
     with pytest.raises(SystemExit):
-        parser.parse_args([str(encoder_dir), "--dataset", "nifti", "--data", "x", "--out", "y"])
+        parser.parse_args(["embed", str(encoder_dir), "--dataset", "nifti", "--data", "x", "--out", "y"])
     with pytest.raises(SystemExit):
         parser.parse_args([
-            str(encoder_dir), "--dataset", "manifest", "--data", "x", "--out", "y", "--xray-spacing", "1",
+            "embed", str(encoder_dir), "--dataset", "manifest", "--data", "x", "--out", "y", "--xray-spacing", "1",
             "--xray-short-side", "512",
         ])
+
+
+def test_embed_command_with_several_checkpoints_writes_a_table_per_name(manifest, tmp_path, capsys):
+    encoder_dirs = [tmp_path / "first", tmp_path / "second"]
+    for seed, directory in enumerate(encoder_dirs):
+        tiny_encoder(seed=seed).save_pretrained(directory)
+    arguments = [
+        "--dataset", "manifest", "--data", str(manifest), "--out", str(tmp_path / "features"),
+        "--ct-spacing", *map(str, CT_SPACING), "--xray-spacing", str(XRAY_SPACING), "--no-progress",
+    ]
+
+    assert main(["embed", *map(str, encoder_dirs), "--name", "a", "--name", "b", *arguments]) == 0
+    for name, directory in zip("ab", encoder_dirs):
+        assert json.loads((tmp_path / "features" / name / RUN_FILE).read_text())["checkpoint"] == str(directory)
+        embed(directory, manifest, tmp_path / f"alone_{name}")
+        np.testing.assert_array_equal(
+            read_feature_table(tmp_path / "features" / name).features, read_feature_table(tmp_path / f"alone_{name}").features
+        )
+    capsys.readouterr()
+    # One name per checkpoint, each its own.
+    assert main(["embed", *map(str, encoder_dirs), "--name", "a", *arguments]) == 2
+    assert "--name must be given once per checkpoint" in capsys.readouterr().err
+    assert main(["embed", *map(str, encoder_dirs), "--name", "a", "--name", "a", *arguments]) == 2
+    assert "differently" in capsys.readouterr().err
+    assert main(["embed", str(encoder_dirs[0]), "--name", "a", *arguments]) == 2
+    assert "with one, --out is its table" in capsys.readouterr().err
+
+
+def test_several_encoders_read_each_image_once_and_write_what_separate_runs_write(manifest, tmp_path, monkeypatch):
+    encoders = {"first": tiny_encoder(seed=0), "second": tiny_encoder(seed=1)}
+    reads = []
+    original_getitem = Manifest.__getitem__
+
+    def counted_getitem(self, position):
+        reads.append(self.records[position].id)
+        return original_getitem(self, position)
+
+    monkeypatch.setattr(Manifest, "__getitem__", counted_getitem)
+    # A budget of two images per batch at most: several batches, each of several images of both kinds.
+    runs = run_embed_encoders(
+        encoders, DatasetSpec("manifest", manifest), tmp_path / "together", max_tokens=90, progress=False, **PREPROCESS
+    )
+    ids = [record.id for record in open_dataset(DatasetSpec("manifest", manifest)).records]
+    assert sorted(reads) == sorted(ids)
+    monkeypatch.setattr(Manifest, "__getitem__", original_getitem)
+
+    assert list(runs) == ["first", "second"]
+    dataset = open_dataset(DatasetSpec("manifest", manifest), transform=embed_preprocess(**PREPROCESS))
+    for name, encoder in encoders.items():
+        assert runs[name].directory == tmp_path / "together" / name
+        assert runs[name].encoded == runs[name].num_rows == 2 * NUM_PHANTOMS
+        embed(encoder, manifest, tmp_path / f"alone_{name}", max_tokens=90)
+        for array in ARRAY_NAMES:
+            together = read_feature_table(tmp_path / "together" / name, array)
+            alone = read_feature_table(tmp_path / f"alone_{name}", array)
+            assert together.index.same_as(alone.index)
+            np.testing.assert_array_equal(together.features, alone.features)
+        cls = read_feature_table(tmp_path / "together" / name, "cls").features
+        with torch.no_grad():
+            for row in range(len(dataset)):
+                out = encoder([dataset[row].image])
+                np.testing.assert_allclose(cls[row], out.cls[0].numpy(), rtol=1e-4, atol=1e-4)
+    first = read_feature_table(tmp_path / "together" / "first").features
+    assert not np.allclose(first, read_feature_table(tmp_path / "together" / "second").features)
+
+
+def test_several_encoders_resume_each_table_from_its_own_rows(manifest, tmp_path, monkeypatch):
+    encoders = {"first": tiny_encoder(seed=0), "second": tiny_encoder(seed=1)}
+    for name, encoder in encoders.items():
+        embed(encoder, manifest, tmp_path / f"alone_{name}", max_tokens=90)
+
+    forwards = []
+    interrupt = True
+    original_forward = Encoder.forward
+
+    def counted_forward(self, inputs, token_mask=None):
+        # Killed after the first encoder wrote the first batch, before the second encoder saw it.
+        if interrupt and forwards:
+            raise SimulatedInterruption
+        forwards.append(inputs.num_images)
+        return original_forward(self, inputs, token_mask)
+
+    monkeypatch.setattr(Encoder, "forward", counted_forward)
+    together = tmp_path / "together"
+    with pytest.raises(SimulatedInterruption):
+        run_embed_encoders(encoders, DatasetSpec("manifest", manifest), together, max_tokens=90, progress=False, **PREPROCESS)
+    first_batch = forwards[0]
+    interrupt = False
+    forwards.clear()
+
+    runs = run_embed_encoders(
+        encoders, DatasetSpec("manifest", manifest), together, max_tokens=90, progress=False, **PREPROCESS
+    )
+
+    assert 0 < first_batch < 2 * NUM_PHANTOMS
+    assert runs["first"].encoded == 2 * NUM_PHANTOMS - first_batch
+    assert runs["second"].encoded == 2 * NUM_PHANTOMS
+    for name in encoders:
+        for array in ARRAY_NAMES:
+            resumed = read_feature_table(together / name, array)
+            alone = read_feature_table(tmp_path / f"alone_{name}", array)
+            assert resumed.index.same_as(alone.index)
+            np.testing.assert_allclose(resumed.features, alone.features, rtol=1e-5, atol=1e-6)
+        assert not (together / name / "partial").exists()
+    # Finished tables are kept: nothing is read or encoded again.
+    forwards.clear()
+    again = run_embed_encoders(encoders, DatasetSpec("manifest", manifest), together, progress=False, **PREPROCESS)
+    assert forwards == [] and all(run.encoded == 0 for run in again.values())
+
+
+def test_several_encoders_must_share_preprocessing_patch_size_and_have_names(manifest, tmp_path):
+    spec = DatasetSpec("manifest", manifest)
+    coarse = Encoder(dataclasses.replace(ENCODER_CONFIG, patch_size=(8, 8, 8)))
+    with pytest.raises(ValueError, match="patch size"):
+        run_embed_encoders({"fine": tiny_encoder(), "coarse": coarse}, spec, tmp_path / "a", progress=False, **PREPROCESS)
+    other = tiny_encoder(seed=1)
+    other.preprocess = embed_preprocess(ct_spacing=(8.0, 8.0, 8.0))
+    with pytest.raises(ValueError, match="share one preprocessing"):
+        run_embed_encoders({"a": tiny_encoder(), "b": other}, spec, tmp_path / "a", progress=False)
+    # Settings given explicitly replace both encoders' own: then they agree.
+    runs = run_embed_encoders({"a": tiny_encoder(), "b": other}, spec, tmp_path / "b", progress=False, **PREPROCESS)
+    assert runs["a"].num_rows == runs["b"].num_rows == 2 * NUM_PHANTOMS
+    for names in ({}, {"": tiny_encoder()}, {"../up": tiny_encoder()}, {".hidden": tiny_encoder()}):
+        with pytest.raises(ValueError, match="checkpoints|encoder names"):
+            run_embed_encoders(names, spec, tmp_path / "c", progress=False, **PREPROCESS)
 
 
 def write_chexpert_tables(root):

@@ -15,7 +15,14 @@ import numpy as np
 from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.eval.analysis import LabelledFeatures, ModalityAnalysis, analyse_modalities, cross_modal_transfer
 from mmv.eval.features import FeatureTable, read_feature_table
-from mmv.eval.probe import DEFAULT_L2_GRID, LinearProbe, ProbeEvaluation, evaluate_probe, fit_linear_probe
+from mmv.eval.probe import (
+    DEFAULT_L2_GRID,
+    LinearProbe,
+    ProbeEvaluation,
+    evaluate_probe,
+    fit_linear_probe,
+    paired_macro_auroc_difference,
+)
 from mmv.eval.protocols import SPLITS, ProtocolData, get_protocol, prepare_protocol
 from mmv.eval.report import (
     analysis_markdown,
@@ -27,7 +34,7 @@ from mmv.eval.report import (
     write_json,
 )
 
-__all__ = ["AnalysisRun", "ProbeRun", "run_analysis", "run_probe"]
+__all__ = ["AnalysisRun", "ProbeRun", "compare_probe_runs", "run_analysis", "run_probe"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +53,7 @@ def run_probe(
     out_dir: str | Path,
     *,
     labels_root: str | Path | None = None,
-    array: str = "cls",
+    array: str | Sequence[str] = "cls",
     modality: str | None = None,
     l2_grid: Sequence[float] = DEFAULT_L2_GRID,
     select_by: str = "log_loss",
@@ -63,7 +70,8 @@ def run_probe(
     mixed table are probed, and the files are named ``<protocol>_<modality>.*``. See
     :mod:`mmv.eval.protocols` for the protocols and ``labels_root``, and
     :func:`~mmv.eval.probe.fit_linear_probe` for ``l2_grid``, ``select_by`` and ``max_iter``; ``seed``
-    draws the carved validation split and the bootstrap.
+    draws the carved validation split and the bootstrap. Several ``array`` names probe those arrays side
+    by side (see :func:`~mmv.eval.features.read_feature_table`).
     """
     protocol_spec = get_protocol(protocol)
     table = read_feature_table(features_dir, array)
@@ -82,7 +90,7 @@ def run_probe(
         "protocol": protocol_spec.name,
         "protocol_summary": protocol_spec.summary,
         "features_dir": str(Path(features_dir)),
-        "array": array,
+        "array": table.array_name,
         "modality": modality,
         "feature_dim": int(table.features.shape[1]),
         "labels_root": None if labels_root is None else str(labels_root),
@@ -96,7 +104,7 @@ def run_probe(
     }
     notes = {
         "protocol": f"`{protocol_spec.name}`: {protocol_spec.summary}",
-        "features": f"`{array}` ({table.features.shape[1]} dims) from `{Path(features_dir)}`"
+        "features": f"`{table.array_name}` ({table.features.shape[1]} dims) from `{Path(features_dir)}`"
         + ("" if modality is None else f", {modality} rows only"),
         "rows": f"train {len(data.train)}, val {len(data.val)}, test {len(data.test)}",
         "left out": f"{data.unlabelled_feature_rows} feature rows without labels, "
@@ -104,7 +112,7 @@ def run_probe(
     }
     out_dir = Path(out_dir)
     stem = protocol_spec.name if modality is None else f"{protocol_spec.name}_{modality}"
-    title = f"Linear probe, {protocol_spec.name}, {array} features" + ("" if modality is None else f", {modality}")
+    title = f"Linear probe, {protocol_spec.name}, {table.array_name} features" + ("" if modality is None else f", {modality}")
     markdown_path = out_dir / f"{stem}.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(probe_markdown(probe, evaluation, title, notes), encoding="utf-8")
@@ -114,6 +122,26 @@ def run_probe(
         "roc_plot": plot_roc_curves(out_dir / f"{stem}_roc.png", evaluation, title),
     }
     return ProbeRun(data=data, probe=probe, evaluation=evaluation, outputs=outputs)
+
+
+def compare_probe_runs(
+    run: ProbeRun, baseline: ProbeRun, *, seed: int = 0, num_resamples: int = 1000, confidence: float = 0.95
+) -> dict:
+    """Macro AUROC of ``run`` minus that of ``baseline``, with a paired bootstrap interval
+    (:func:`~mmv.eval.probe.paired_macro_auroc_difference`): two probe runs of one protocol on two
+    encoders' features of the same images, e.g. a pretrained encoder against its random initialisation.
+
+    Raises:
+        ValueError: the two runs did not test the same rows (ids, in order) under the same labels.
+    """
+    if run.data.test.ids != baseline.data.test.ids or run.data.label_names != baseline.data.label_names:
+        raise ValueError(
+            "compare_probe_runs: the two runs must test the same rows under the same labels "
+            f"({len(run.data.test)} and {len(baseline.data.test)} test rows)"
+        )
+    return paired_macro_auroc_difference(
+        run.evaluation, baseline.evaluation, seed, num_resamples=num_resamples, confidence=confidence
+    )
 
 
 def _modality_rows(table: FeatureTable, modality: str, max_rows: int | None, seed: int) -> np.ndarray:

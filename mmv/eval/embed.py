@@ -5,6 +5,8 @@ with two arrays, ``cls`` (the final CLS token) and ``patch_mean`` (the mean fina
 per image in the data set's own order. Images are read, preprocessed and tokenised in DataLoader
 workers, packed into batches of up to ``max_tokens`` patch tokens (:class:`~mmv.data.TokenBudgetBatchSampler`
 and :class:`~mmv.data.PackedCollate`) and encoded in eval mode without gradients.
+:func:`run_embed_encoders` does the same for several encoders at once, reading each image once for all
+of them and writing one table per encoder. The command line of ``mmv embed`` is :mod:`mmv.cli`'s.
 
 Checkpoints
     an encoder directory written by :meth:`mmv.Encoder.save_pretrained` (``<run>/encoder`` of ``mmv
@@ -38,14 +40,14 @@ Resuming
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,11 +58,11 @@ from tqdm.auto import tqdm
 
 from mmv.data.cache import PreprocessCache
 from mmv.data.collate import PackedCollate
-from mmv.data.dataset_spec import DATASET_KINDS, DatasetSpec, open_dataset
+from mmv.data.dataset_spec import DatasetSpec, open_dataset
 from mmv.data.datasets import LabelledImageDataset
-from mmv.data.io import ImageReadError
+from mmv.data.preprocess import ModalityPreprocess
 from mmv.data.sampler import TokenBudgetBatchSampler, check_positive_int
-from mmv.eval.encoders import embed_preprocess, load_encoder, weights_digest
+from mmv.eval.encoders import LoadedEncoder, embed_preprocess, load_encoder, weights_digest
 from mmv.eval.features import (
     INDEX_COLUMNS,
     FeatureIndex,
@@ -76,9 +78,8 @@ __all__ = [
     "ARRAY_NAMES",
     "RUN_FILE",
     "EmbedRun",
-    "add_embed_arguments",
-    "main_embed",
     "run_embed",
+    "run_embed_encoders",
 ]
 
 ARRAY_NAMES = ("cls", "patch_mean")
@@ -96,6 +97,8 @@ _SETTING_NAMES = {
 }
 # Rows copied at a time when the finished table is written.
 _COPY_ROWS = 65536
+# What an encoder's name may be in run_embed_encoders: the name of its table's directory.
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,22 +241,30 @@ def _prepare_directory(out_dir: Path, index: FeatureIndex, settings: dict[str, A
 
 
 def _encode_pending(
-    writer: FeatureWriter,
+    writers: Sequence[FeatureWriter],
+    encoders: Sequence[Encoder],
     dataset: LabelledImageDataset,
-    encoder: Encoder,
     device: torch.device,
     *,
     max_tokens: int,
     num_workers: int,
     bf16: bool,
     progress: bool,
-) -> list[int]:
-    """Encode the rows ``writer`` still lacks and write them; returns the rows skipped as unreadable."""
-    pending_rows = writer.pending_rows
+) -> list[list[int]]:
+    """Encode the rows each writer still lacks with its encoder and write them; returns, per writer, the
+    rows skipped as unreadable.
+
+    Each image that some writer lacks is read, preprocessed and tokenised once, and its batch goes through
+    every encoder that lacks a row of it; each writer receives only the rows it lacks.
+    """
+    pending_of = [set(writer.pending_rows.tolist()) for writer in writers]
+    pending_rows = np.array(sorted(set().union(*pending_of)), dtype=np.int64)
+    skipped: list[list[int]] = [[] for _ in writers]
     if pending_rows.size == 0:
-        return []
+        return skipped
     pending = dataset.subset(pending_rows)
-    counts = pending.token_counts(encoder.config.patch_size, progress=progress)
+    patch_size = encoders[0].config.patch_size
+    counts = pending.token_counts(patch_size, progress=progress)
     # An image larger than the budget is encoded alone rather than refused.
     # Every image goes through this process, whether or not a process group is initialised.
     sampler = TokenBudgetBatchSampler(counts, max(max_tokens, max(counts)), shuffle=False, rank=0, world_size=1)
@@ -261,26 +272,35 @@ def _encode_pending(
     loader = torch.utils.data.DataLoader(
         pending,
         batch_sampler=batches,
-        collate_fn=PackedCollate(Tokenizer(encoder.config.patch_size), with_labels=True),
+        collate_fn=PackedCollate(Tokenizer(patch_size), with_labels=True),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    skipped: list[int] = []
     bar = tqdm(total=len(pending), desc="embed", unit="img", disable=not progress)
     try:
         for positions, item in zip(batches, loader):
             rows_of = {pending.records[position].id: int(pending_rows[position]) for position in positions}
             present = [] if item is None else item.ids
-            unread = set(rows_of) - set(present)
-            skipped.extend(rows_of[row_id] for row_id in unread)
+            unread = [rows_of[row_id] for row_id in set(rows_of) - set(present)]
+            for rows, lacking in zip(skipped, pending_of):
+                rows.extend(row for row in unread if row in lacking)
             if present:
-                with torch.inference_mode(), autocast:
-                    out = encoder(item.batch.to(device, non_blocking=True))
-                writer.write(
-                    np.array([rows_of[row_id] for row_id in present], dtype=np.int64),
-                    {"cls": out.cls.float().cpu().numpy(), "patch_mean": out.pooled.float().cpu().numpy()},
-                )
+                batch = item.batch.to(device, non_blocking=True)
+                present_rows = np.array([rows_of[row_id] for row_id in present], dtype=np.int64)
+                for writer, encoder, lacking in zip(writers, encoders, pending_of):
+                    wanted = np.array([row in lacking for row in present_rows])
+                    if not wanted.any():
+                        continue
+                    with torch.inference_mode(), autocast:
+                        out = encoder(batch)
+                    writer.write(
+                        present_rows[wanted],
+                        {
+                            "cls": out.cls.float().cpu().numpy()[wanted],
+                            "patch_mean": out.pooled.float().cpu().numpy()[wanted],
+                        },
+                    )
             bar.update(len(positions))
     finally:
         bar.close()
@@ -300,6 +320,149 @@ def _write_finished_table(partial: Path, out_dir: Path, kept_rows: np.ndarray) -
                 {name: table.select(chunk)[:] for name, table in tables.items()},
             )
     return index
+
+
+@dataclass(frozen=True, eq=False)
+class _Table:
+    """One encoder of a run and the feature table it fills."""
+
+    loaded: LoadedEncoder
+    encoder: Encoder
+    out_dir: Path
+    record: dict[str, Any]
+
+
+def _check_run_arguments(dataset, on_error, max_tokens, num_workers, bf16) -> None:
+    if not isinstance(dataset, DatasetSpec):
+        raise TypeError(f"dataset must be a DatasetSpec, got {type(dataset).__name__}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    check_positive_int(max_tokens, "max_tokens")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    if not isinstance(bf16, bool):
+        raise ValueError(f"bf16 must be a bool, got {bf16!r}")
+
+
+def _shared_preprocess(loaded: Mapping[str, LoadedEncoder], given: dict[str, Any]) -> ModalityPreprocess:
+    """The one preprocessing of every encoder's images: each image is read once for all of them, so the
+    encoders must agree on it (after ``given`` replaces settings) and on the patch size."""
+    transforms = {name: embed_preprocess(encoder.preprocess, **given) for name, encoder in loaded.items()}
+    first = next(iter(transforms.values()))
+    differing = [name for name, transform in transforms.items() if transform.to_dict() != first.to_dict()]
+    if differing:
+        raise ValueError(
+            f"the encoders {sorted(transforms)} must share one preprocessing to read each image once; "
+            f"{differing} differ from {next(iter(transforms))!r} (give the settings explicitly, or embed them apart)"
+        )
+    patch_sizes = {name: tuple(encoder.encoder.config.patch_size) for name, encoder in loaded.items()}
+    if len(set(patch_sizes.values())) > 1:
+        raise ValueError(f"the encoders must share one patch size to read each image once, got {patch_sizes}")
+    return first
+
+
+def _run(
+    checkpoints: Mapping[str, str | os.PathLike | Encoder],
+    out_dirs: Mapping[str, Path],
+    dataset: DatasetSpec,
+    *,
+    max_tokens: int,
+    num_workers: int,
+    device: str | torch.device | None,
+    bf16: bool,
+    given: dict[str, Any],
+    cache_dir: str | os.PathLike | None,
+    on_error: str,
+    resume: bool,
+    progress: bool,
+) -> dict[str, EmbedRun]:
+    """The embed run of :func:`run_embed` and :func:`run_embed_encoders`: one feature table per encoder."""
+    _check_run_arguments(dataset, on_error, max_tokens, num_workers, bf16)
+    device = _resolve_device(device)
+    loaded = {name: load_encoder(checkpoint) for name, checkpoint in checkpoints.items()}
+    transform = _shared_preprocess(loaded, given)
+    cache = PreprocessCache(cache_dir) if cache_dir is not None else None
+    images = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
+    index = _feature_index(images, dataset)
+
+    runs: dict[str, EmbedRun] = {}
+    tables: dict[str, _Table] = {}
+    for name, encoder_read in loaded.items():
+        encoder = encoder_read.encoder.to(device).eval()
+        settings = _plain(
+            {
+                "weights_sha256": weights_digest(encoder),
+                "encoder_config": encoder.config.to_dict(),
+                "preprocess": transform.to_dict(),
+                "bf16": bf16,
+            }
+        )
+        finished = _prepare_directory(out_dirs[name], index, settings, resume)
+        if finished is not None:
+            runs[name] = finished
+            continue
+        record = {
+            "format": RUN_FORMAT,
+            "version": RUN_VERSION,
+            "complete": False,
+            "settings": settings,
+            "checkpoint": encoder_read.source,
+            "preprocess_from": {
+                "base": encoder_read.preprocess_from,
+                "arguments": [setting for setting, value in given.items() if value is not None],
+            },
+            "dataset": dataset.to_dict(),
+            "max_tokens": max_tokens,
+            "device": str(device),
+        }
+        _write_json(out_dirs[name] / PARTIAL_DIR / RUN_FILE, record)
+        tables[name] = _Table(encoder_read, encoder, out_dirs[name], record)
+    if not tables:
+        return runs
+
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        writers = {
+            name: stack.enter_context(
+                FeatureWriter(table.out_dir / PARTIAL_DIR, index, {array: table.encoder.config.embed_dim for array in ARRAY_NAMES})
+            )
+            for name, table in tables.items()
+        }
+        to_encode = {name: int(writer.pending_rows.size) for name, writer in writers.items()}
+        skipped_rows = dict(zip(tables, _encode_pending(
+            list(writers.values()), [table.encoder for table in tables.values()], images, device,
+            max_tokens=max_tokens, num_workers=num_workers, bf16=bf16, progress=progress,
+        )))
+        seconds = time.perf_counter() - started
+        kept_rows = {name: np.setdiff1d(np.arange(len(index)), writer.pending_rows) for name, writer in writers.items()}
+
+    for name, table in tables.items():
+        runs[name] = _finish(table, index, kept_rows[name], skipped_rows[name], to_encode[name], seconds)
+    return {name: runs[name] for name in checkpoints}
+
+
+def _finish(
+    table: _Table, index: FeatureIndex, kept_rows: np.ndarray, skipped_rows: list[int], encoded: int, seconds: float
+) -> EmbedRun:
+    """Write the finished table of ``table.out_dir`` from its partial table, record the run and remove the partial."""
+    partial = table.out_dir / PARTIAL_DIR
+    # The finished table replaces whatever an earlier, interrupted finishing step left in out_dir.
+    _remove_table_files(table.out_dir)
+    finished_index = _write_finished_table(partial, table.out_dir, kept_rows)
+    skipped_ids = tuple(index.ids[row] for row in sorted(skipped_rows))
+    images_per_s = encoded / seconds if encoded and seconds > 0 else math.nan
+    record = {
+        **table.record,
+        "complete": True,
+        "num_rows": len(finished_index),
+        "skipped_ids": list(skipped_ids),
+        "encoded_last_call": encoded,
+        "seconds_last_call": seconds,
+        "images_per_s_last_call": None if math.isnan(images_per_s) else images_per_s,
+    }
+    _write_json(table.out_dir / RUN_FILE, record)
+    shutil.rmtree(partial)
+    return EmbedRun(table.out_dir, len(finished_index), encoded, skipped_ids, seconds, images_per_s)
 
 
 def run_embed(
@@ -346,168 +509,62 @@ def run_embed(
         FeatureTableError: ``out_dir`` holds features made with other weights, preprocessing or
             precision, or of other images, or files that are not a feature table.
     """
-    if not isinstance(dataset, DatasetSpec):
-        raise TypeError(f"dataset must be a DatasetSpec, got {type(dataset).__name__}")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    check_positive_int(max_tokens, "max_tokens")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
-    if not isinstance(bf16, bool):
-        raise ValueError(f"bf16 must be a bool, got {bf16!r}")
-    device = _resolve_device(device)
-    loaded = load_encoder(checkpoint)
-    encoder = loaded.encoder.to(device).eval()
-    given = {
-        "ct_spacing": ct_spacing,
-        "ct_window": ct_window,
-        "xray_spacing": xray_spacing,
-        "xray_short_side": xray_short_side,
-    }
-    transform = embed_preprocess(loaded.preprocess, **given)
-    cache = PreprocessCache(cache_dir) if cache_dir is not None else None
-    images = open_dataset(dataset, transform=transform, cache=cache, on_error=on_error)
-    index = _feature_index(images, dataset)
-    settings = _plain(
-        {
-            "weights_sha256": weights_digest(encoder),
-            "encoder_config": encoder.config.to_dict(),
-            "preprocess": transform.to_dict(),
-            "bf16": bf16,
-        }
+    given = {"ct_spacing": ct_spacing, "ct_window": ct_window, "xray_spacing": xray_spacing, "xray_short_side": xray_short_side}
+    runs = _run(
+        {"": checkpoint}, {"": Path(out_dir)}, dataset,
+        max_tokens=max_tokens, num_workers=num_workers, device=device, bf16=bf16, given=given, cache_dir=cache_dir,
+        on_error=on_error, resume=resume, progress=progress,
     )
+    return runs[""]
 
+
+def _check_table_name(name: Any) -> str:
+    if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
+        raise ValueError(
+            f"encoder names must be non-empty names of letters, digits, '_', '-' or '.' not starting with '.', "
+            f"got {name!r}"
+        )
+    return name
+
+
+def run_embed_encoders(
+    checkpoints: Mapping[str, str | os.PathLike | Encoder],
+    dataset: DatasetSpec,
+    out_dir: str | os.PathLike,
+    *,
+    max_tokens: int = 16384,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    bf16: bool = False,
+    ct_spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] | None = None,
+    xray_spacing: float | None = None,
+    xray_short_side: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, EmbedRun]:
+    """Embed every image of ``dataset`` with each of several encoders, reading each image once for all.
+
+    ``checkpoints`` maps a name to anything :func:`run_embed` accepts as its checkpoint; each encoder's
+    feature table is ``<out_dir>/<name>``, the same table :func:`run_embed` writes for that encoder alone
+    (the same batches, so the same values). Reading and preprocessing an image costs more than encoding
+    it, so the encoders share them: they must share one preprocessing (after the settings given here
+    replace theirs) and one patch size. Each table resumes on its own: an interruption between two
+    encoders of a batch leaves one table a batch ahead of the other, and the next run encodes for each
+    table only the rows it lacks. The other arguments are those of :func:`run_embed`.
+
+    Returns:
+        The :class:`EmbedRun` of each encoder, by name, in the order of ``checkpoints``.
+    """
+    if not isinstance(checkpoints, Mapping) or not checkpoints:
+        raise ValueError(f"checkpoints must map at least one name to a checkpoint, got {checkpoints!r}")
     out_dir = Path(out_dir)
-    partial = out_dir / PARTIAL_DIR
-    finished = _prepare_directory(out_dir, index, settings, resume)
-    if finished is not None:
-        return finished
-    record = {
-        "format": RUN_FORMAT,
-        "version": RUN_VERSION,
-        "complete": False,
-        "settings": settings,
-        "checkpoint": loaded.source,
-        "preprocess_from": {
-            "base": loaded.preprocess_from,
-            "arguments": [name for name, value in given.items() if value is not None],
-        },
-        "dataset": dataset.to_dict(),
-        "max_tokens": max_tokens,
-        "device": str(device),
-    }
-    _write_json(partial / RUN_FILE, record)
-
-    started = time.perf_counter()
-    with FeatureWriter(partial, index, {name: encoder.config.embed_dim for name in ARRAY_NAMES}) as writer:
-        to_encode = int(writer.pending_rows.size)
-        skipped_rows = _encode_pending(
-            writer, images, encoder, device,
-            max_tokens=max_tokens, num_workers=num_workers, bf16=bf16, progress=progress,
-        )
-        seconds = time.perf_counter() - started
-        kept_rows = np.setdiff1d(np.arange(len(index)), writer.pending_rows)
-
-    # The finished table replaces whatever an earlier, interrupted finishing step left in out_dir.
-    _remove_table_files(out_dir)
-    finished_index = _write_finished_table(partial, out_dir, kept_rows)
-    skipped_ids = tuple(index.ids[row] for row in sorted(skipped_rows))
-    images_per_s = to_encode / seconds if to_encode and seconds > 0 else math.nan
-    record.update(
-        complete=True,
-        num_rows=len(finished_index),
-        skipped_ids=list(skipped_ids),
-        encoded_last_call=to_encode,
-        seconds_last_call=seconds,
-        images_per_s_last_call=None if math.isnan(images_per_s) else images_per_s,
+    out_dirs = {_check_table_name(name): out_dir / name for name in checkpoints}
+    given = {"ct_spacing": ct_spacing, "ct_window": ct_window, "xray_spacing": xray_spacing, "xray_short_side": xray_short_side}
+    return _run(
+        dict(checkpoints), out_dirs, dataset,
+        max_tokens=max_tokens, num_workers=num_workers, device=device, bf16=bf16, given=given, cache_dir=cache_dir,
+        on_error=on_error, resume=resume, progress=progress,
     )
-    _write_json(out_dir / RUN_FILE, record)
-    shutil.rmtree(partial)
-    return EmbedRun(out_dir, len(finished_index), to_encode, skipped_ids, seconds, images_per_s)
-
-
-# --------------------------------------------------------------------------------------------------
-# The command
-
-
-def add_embed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of ``mmv embed`` to ``parser`` (a subcommand's parser); returns it."""
-    parser.add_argument("checkpoint", help="encoder directory, training checkpoint (.pt) or pretraining run directory")
-    parser.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="kind of data set")
-    parser.add_argument("--data", required=True, help="the manifest CSV, or the data set's root directory")
-    parser.add_argument("--out", required=True, help="feature table directory to write")
-    parser.add_argument(
-        "--split", dest="splits", action="append", metavar="SPLIT",
-        help="embed only this split (repeatable); default all (mimic: train, validate, test; chexpert and "
-        "ctrate: train, valid; manifest: values of its split column)",
-    )
-    parser.add_argument("--fixed", action="store_true", help="ctrate: read the header-fixed volumes")
-    parser.add_argument("--id-column", help="manifest: the id column (default 'id' when present, else the path)")
-    parser.add_argument(
-        "--label-columns", nargs="+", metavar="NAME",
-        help="manifest: the label columns (default: all but path, modality, id, split and group)",
-    )
-    parser.add_argument("--max-tokens", type=int, default=16384, help="patch tokens per batch (default: 16384)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast")
-    parser.add_argument(
-        "--ct-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
-        help="CT voxel size in mm (default: the encoder's)",
-    )
-    parser.add_argument(
-        "--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window in HU (default: the encoder's)"
-    )
-    xray = parser.add_mutually_exclusive_group()
-    xray.add_argument("--xray-spacing", type=float, help="X-ray pixel size in mm (default: the encoder's)")
-    xray.add_argument("--xray-short-side", type=int, help="X-ray short side in pixels (default: the encoder's)")
-    parser.add_argument("--cache-dir", help="preprocessing cache directory")
-    parser.add_argument(
-        "--on-error", choices=("raise", "skip"), default="raise",
-        help="what to do with unreadable images (default: raise)",
-    )
-    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def main_embed(args: argparse.Namespace) -> int:
-    """Run ``mmv embed`` with the parsed arguments of :func:`add_embed_arguments`; returns the exit status."""
-    spec = DatasetSpec(
-        kind=args.dataset,
-        path=args.data,
-        splits=None if not args.splits else tuple(args.splits),
-        fixed=args.fixed,
-        id_column=args.id_column,
-        label_columns=None if args.label_columns is None else tuple(args.label_columns),
-    )
-    try:
-        run = run_embed(
-            args.checkpoint,
-            spec,
-            args.out,
-            max_tokens=args.max_tokens,
-            num_workers=args.num_workers,
-            device=args.device,
-            bf16=args.bf16,
-            ct_spacing=args.ct_spacing,
-            ct_window=args.ct_window,
-            xray_spacing=args.xray_spacing,
-            xray_short_side=args.xray_short_side,
-            cache_dir=args.cache_dir,
-            on_error=args.on_error,
-            resume=not args.no_resume,
-            progress=not args.no_progress,
-        )
-    except (FeatureTableError, ImageReadError) as error:
-        # The command's other input errors (ValueError, FileNotFoundError) are reported by ``mmv`` itself.
-        print(f"mmv embed: error: {error}", file=sys.stderr)
-        return 2
-    if run.encoded:
-        print(f"{run.encoded} images encoded in {run.seconds:.1f} s ({run.images_per_s:.2f} images/s)")
-    else:
-        print("the feature table was already complete")
-    if run.skipped_ids:
-        print(f"{len(run.skipped_ids)} unreadable images left out (listed in {run.directory / RUN_FILE})")
-    print(f"{run.num_rows} rows of features in {run.directory}")
-    return 0

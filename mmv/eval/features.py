@@ -353,14 +353,25 @@ class FeatureTable:
         )
 
 
-def read_feature_table(directory: str | Path, array: str = "cls", *, allow_incomplete: bool = False) -> FeatureTable:
-    """Open one array of a feature table.
+def read_feature_table(
+    directory: str | Path, array: str | Sequence[str] = "cls", *, allow_incomplete: bool = False
+) -> FeatureTable:
+    """Open one array of a feature table, or several side by side.
 
     Args:
         directory: the table directory.
-        array: which array, e.g. ``"cls"`` or ``"patch_mean"``.
+        array: which array, e.g. ``"cls"`` or ``"patch_mean"``; several names, e.g. ``("cls",
+            "patch_mean")``, give their columns side by side in that order (read into memory), as one
+            array named ``"cls+patch_mean"``.
         allow_incomplete: accept a table whose rows are not all written (unwritten rows hold zeros).
     """
+    if not isinstance(array, str):
+        names = tuple(array)
+        if not names or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"array must be an array name or distinct array names, got {array!r}")
+        tables = [read_feature_table(directory, name, allow_incomplete=allow_incomplete) for name in names]
+        features = np.concatenate([np.asarray(table.features) for table in tables], axis=1)
+        return FeatureTable(tables[0].directory, "+".join(names), tables[0].index, features)
     directory = Path(directory)
     meta = _read_meta(directory)
     if array not in meta["arrays"]:

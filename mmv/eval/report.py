@@ -20,6 +20,7 @@ from mmv.eval.probe import LinearProbe, ProbeEvaluation
 __all__ = [
     "analysis_markdown",
     "analysis_summary",
+    "plot_auroc_comparison",
     "plot_roc_curves",
     "plot_subspaces",
     "probe_markdown",
@@ -150,6 +151,36 @@ def plot_roc_curves(path: str | Path, evaluation: ProbeEvaluation, title: str) -
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="lower right", fontsize=7)
     figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_auroc_comparison(path: str | Path, panels: Mapping[str, Mapping[str, ProbeEvaluation]]) -> Path:
+    """One PNG of bar charts, one panel per entry of ``panels`` (its title), side by side: per label and
+    macro AUROC of each of the panel's evaluations (its legend entry), with their bootstrap intervals as
+    whiskers. The evaluations of a panel share their labels, e.g. two encoders probed on the same rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes_row = _figure(6.0 * len(panels), 4.0, columns=len(panels))
+    for axes, (title, evaluations) in zip(axes_row, panels.items()):
+        label_names = next(iter(evaluations.values())).label_names
+        if any(evaluation.label_names != label_names for evaluation in evaluations.values()):
+            raise ValueError(f"plot_auroc_comparison: the evaluations of panel {title!r} must share their labels")
+        names = [*label_names, "macro"]
+        positions = np.arange(len(names))
+        width = 0.8 / len(evaluations)
+        for i, (legend, evaluation) in enumerate(evaluations.items()):
+            values = np.append(evaluation.auroc, evaluation.macro_auroc)
+            intervals = np.vstack((evaluation.interval.per_label, evaluation.interval.macro))
+            whiskers = np.clip(np.stack((values - intervals[:, 0], intervals[:, 1] - values)), 0.0, None)
+            offset = (i - (len(evaluations) - 1) / 2) * width
+            axes.bar(positions + offset, values, width=width, yerr=np.nan_to_num(whiskers), capsize=3, label=legend)
+        axes.axhline(0.5, color="0.5", linewidth=0.8, linestyle="--")
+        axes.set_xticks(positions, names, rotation=30, ha="right")
+        axes.set(ylim=(0.3, 1.0), ylabel="AUROC")
+        confidence = next(iter(evaluations.values())).interval.confidence
+        axes.set_title(f"{title} ({confidence:.0%} bootstrap intervals)", fontsize=10)
+        axes.legend(loc="lower right", fontsize=8)
+    figure.savefig(path, dpi=100)
     return path
 
 
