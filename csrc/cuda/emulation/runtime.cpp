@@ -381,7 +381,22 @@ std::string where(const Thread& t) {
   return "block " + coordinates(block_index) + " thread " + coordinates(t.coordinates.thread_index);
 }
 
-void yield(Thread& t) { mmv_emulation_switch_context(&t.stack_pointer, launch_in_progress->scheduler_stack_pointer); }
+// A round of the scheduler runs each thread that can run, in index order, until it waits or exits. A
+// thread that stops switches straight to the next one of the round (one context switch per wait, not
+// two through the scheduler), and to the scheduler when the round is over.
+void pass_on(void** save, Launch& l, size_t from) {
+  for (size_t i = from; i < l.threads.size(); ++i) {
+    Thread& next = l.threads[i];
+    if (next.state != State::kReady) continue;
+    running = &next;
+    current_thread = &next.coordinates;
+    mmv_emulation_switch_context(save, next.stack_pointer);
+    return;
+  }
+  mmv_emulation_switch_context(save, l.scheduler_stack_pointer);
+}
+
+void yield(Thread& t) { pass_on(&t.stack_pointer, *launch_in_progress, t.id + 1); }
 
 // Ends the launch with an error reported by `t`'s context; the block's fibers are abandoned.
 [[noreturn]] void fail(const Thread& t, const std::string& what) {
@@ -680,7 +695,7 @@ void fiber_main(void* argument) {
     }
   }
   void* abandoned = nullptr;
-  mmv_emulation_switch_context(&abandoned, l.scheduler_stack_pointer);
+  pass_on(&abandoned, l, t.id + 1);
   __builtin_unreachable();
 }
 
@@ -929,17 +944,13 @@ void run_kernel(const LaunchConfig& config, void (*thread_body)(const void*), co
           start_fiber(t);
         }
         while (l.live > 0 && l.error.empty()) {
-          bool ran = false;
-          for (Thread& t : l.threads) {
-            if (t.state != State::kReady) continue;
-            running = &t;
-            current_thread = &t.coordinates;
-            mmv_emulation_switch_context(&l.scheduler_stack_pointer, t.stack_pointer);
+          const auto first = std::find_if(l.threads.begin(), l.threads.end(),
+                                          [](const Thread& t) { return t.state == State::kReady; });
+          if (first != l.threads.end()) {
+            // A round: back here when it is over or a thread failed.
+            pass_on(&l.scheduler_stack_pointer, l, first - l.threads.begin());
             running = nullptr;
-            ran = true;
-            if (!l.error.empty()) break;
-          }
-          if (!ran && l.error.empty() && l.live > 0) {
+          } else {
             // Nobody can run: threads wait at collectives that the others never reach.
             for (Thread& t : l.threads) {
               if (t.state == State::kWarp) {
