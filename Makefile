@@ -67,8 +67,9 @@ test: build cpp-test emulator
 test-emulated: build emulator
 	$(VENV_PYTHON) -m pytest tests/test_cuda_ops.py tests/test_cuda_emulator.py -m "not cuda" $(PYTEST_ARGS)
 
-# tests/emulated_cuda.py builds it (ninja, cached in build/emulated); the tests would otherwise build it
-# on first use.
+# tests/emulated_cuda.py builds it (ninja, cached in build/emulated), with the PTX nvcc makes of the
+# kernel sources for their __launch_bounds__ where nvcc is found; the tests would otherwise build it on
+# first use.
 emulator: build
 	cd tests && $(abspath $(VENV_PYTHON)) -c "import emulated_cuda; emulated_cuda.supported() and emulated_cuda.load()"
 

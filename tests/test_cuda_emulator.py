@@ -128,6 +128,42 @@ def test_launch_limits(device):
         torch.ops.mmv_emulated.launch_empty(128, optin + 16)
 
 
+launch_bounds_checked = pytest.mark.skipif(emulated_cuda.launch_bounds_unavailable() is not None,
+                                           reason=str(emulated_cuda.launch_bounds_unavailable()))
+
+
+@launch_bounds_checked
+def test_launch_beyond_the_kernels_launch_bounds():
+    x = torch.arange(64, dtype=torch.float32)
+    assert torch.equal(planted("bounded", False, x), 2 * x)
+    with pytest.raises(RuntimeError, match=r"invalid launch of bounded_kernel<kThreads> at .*planted_bugs\.cu:\d+: "
+                       r"128 threads per block \(128 x 1 x 1\): more than the 64 of the kernel's __launch_bounds__ "
+                       r"\(void mmv::\(anonymous namespace\)::bounded_kernel<64>\(float const\*, float\*\)\)"):
+        planted("bounded", True, x)
+
+
+def test_launch_bounds_are_read_from_the_ptx_directive():
+    ptx = """
+.visible .entry _Z6scaledPf(
+	.param .u64 _Z6scaledPf_param_0
+)
+	.maxntid 32, 4, 1
+	.minnctapersm 2
+{
+	ret;
+}
+.entry _ZN12_GLOBAL__N_15plainEv()
+{
+	ret;
+}
+.entry _ZN12_GLOBAL__N_13oneEv()
+.maxntid 96
+{
+}
+"""
+    assert emulated_cuda.launch_bounds(ptx) == {"_Z6scaledPf": 128, "_ZN12_GLOBAL__N_13oneEv": 96}
+
+
 def test_unknown_device_is_rejected():
     with pytest.raises(ValueError, match="name must be H100 or A100"):
         torch.ops.mmv_emulated.set_device("V100")
@@ -148,3 +184,20 @@ def test_mmv_ops_run_the_emulated_kernels_within_the_mode():
         "mmv_emulated::packed_attention_bwd": 1,
         "mmv_emulated::rope3d": 1,
     }
+
+
+@launch_bounds_checked
+def test_the_bound_of_every_kernel_the_ops_launch_is_known():
+    from mmv.ops import packed_attention, rope3d, rope_freqs
+
+    q, k, v = (torch.randn(10, 2, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with emulated_cuda.emulated("H100"):
+        packed_attention(q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32)).sum().backward()
+        rope3d(q.detach().float(), torch.zeros(10, 3), rope_freqs(64), (10, 10, 10))
+    launched = dict(zip(*torch.ops.mmv_emulated.kernel_bounds()))
+    assert any(name.startswith("void mmv::(anonymous namespace)::rope3d_kernel<float, ") for name in launched)
+    assert any("forward_mma_kernel<__nv_bfloat16, " in name for name in launched)
+    assert any("backward_mma_kernel<__nv_bfloat16, " in name for name in launched)
+    # Every kernel of csrc/cuda and tests/cuda declares __launch_bounds__: one found without was not
+    # matched with its PTX entry.
+    assert all(bound > 0 for bound in launched.values()), launched

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -129,6 +130,14 @@ __global__ void __launch_bounds__(32) pipeline_kernel(const __nv_bfloat16* x, ui
   }
 }
 
+// out[i] = 2 x[i], a thread per element, with a bound that depends on a template argument as the
+// attention kernels' bounds depend on their tile shapes. The planted bug launches it with twice as many
+// threads as its bound, which a GPU refuses.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) bounded_kernel(const float* x, float* out) {
+  out[threadIdx.x] = 2.f * x[threadIdx.x];
+}
+
 // Writes 1: proves that a launch ran.
 __global__ void __launch_bounds__(1024) empty_kernel(int* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = 1;
@@ -171,6 +180,15 @@ at::Tensor planted_bug(const std::string& name, bool plant, const at::Tensor& x,
     MMV_LAUNCH(1, 32, 2 * 32 * kRowBytes, stream, pipeline_kernel)(
         reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr()), steps,
         bug_id);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+  if (name == "bounded") {
+    constexpr int kThreads = 64;
+    TORCH_CHECK_VALUE(x.numel() == kThreads, "planted_bug: bounded takes ", kThreads, " floats, got ", x.numel());
+    at::Tensor out = at::zeros_like(x);
+    MMV_LAUNCH(1, plant ? 2 * kThreads : kThreads, 0, stream, bounded_kernel<kThreads>)(x.data_ptr<float>(),
+                                                                                          out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }

@@ -40,7 +40,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // nvcc evaluates them for the emulator: runtime.cpp, set_launch_bounds
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ thread_local
 #define __CUDA_ARCH__ 800
@@ -106,6 +106,7 @@ enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchFailure = 719,
 };
 enum cudaDeviceAttr {

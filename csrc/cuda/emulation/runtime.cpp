@@ -8,7 +8,8 @@
 //
 // Checks, each reported as an error naming the kernel, block and thread:
 // - launch limits of the modelled device (threads per block, grid size, dynamic shared memory with
-//   and without cudaFuncSetAttribute, the device's opt-in maximum);
+//   and without cudaFuncSetAttribute, the device's opt-in maximum) and of the kernel (its
+//   __launch_bounds__, which nvcc evaluates: see set_launch_bounds);
 // - __syncthreads that part of the block never reaches (it exited or waits at something else), and
 //   warp collectives whose mask leaves out the calling lane or names a lane that never arrives;
 // - global memory: every tensor the ops see (inputs copied, outputs allocated) lies right before a
@@ -19,15 +20,23 @@
 //   written or read by one thread and written or read by another with no barrier between.
 // Plain loads and stores of shared memory are not seen; they read the poison pattern (0xff bytes,
 // a NaN in every float type) where nothing was written.
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -124,6 +133,89 @@ cudaError_t set_error(cudaError_t error, std::string message) {
   last_error = error;
   last_error_message = std::move(message);
   return error;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// __launch_bounds__. The emulated build compiles them away (GCC keeps no such number with a function),
+// so nvcc evaluates them: tests/emulated_cuda.py reads the .maxntid of every .entry in the PTX of the
+// kernel sources and hands the table to set_launch_bounds. A launch finds its kernel's row by name: the
+// kernel's symbol (mangled as nvcc mangles the .entry), both demangled, which also makes the anonymous
+// namespaces the kernels live in, spelled differently by the two compilers, compare equal.
+
+std::mutex bounds_mutex;                  // guards the three below
+bool launch_bounds_known = false;         // set_launch_bounds was called
+std::map<std::string, int> launch_bounds;  // demangled kernel -> most threads per block
+struct Kernel {
+  std::string name;  // demangled, with template arguments and parameter types
+  int max_threads;   // its __launch_bounds__ (the product of .maxntid), 0 when it declares none
+};
+std::map<const void*, Kernel> kernels;  // those looked up so far, by address
+
+std::string demangle(const char* mangled) {
+  int status = 0;
+  const std::unique_ptr<char, decltype(&std::free)> name(abi::__cxa_demangle(mangled, nullptr, nullptr, &status),
+                                                          &std::free);
+  return status == 0 ? std::string(name.get()) : std::string(mangled);
+}
+
+// The mangled name of the function at `address`, read from the symbol table (.symtab) of the shared
+// object that holds it: kernels in anonymous namespaces have local symbols, which dladdr does not see.
+// Empty when no symbol is there (a stripped object).
+std::string symbol_at(const void* address) {
+  Dl_info info{};
+  if (dladdr(address, &info) == 0 || info.dli_fname == nullptr) return {};
+  const int fd = open(info.dli_fname, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {};
+  struct stat status{};
+  const bool sized = fstat(fd, &status) == 0 && static_cast<size_t>(status.st_size) >= sizeof(Elf64_Ehdr);
+  void* mapping = sized ? mmap(nullptr, status.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+  close(fd);
+  if (mapping == MAP_FAILED) return {};
+  const size_t size = status.st_size;
+  const auto* file = static_cast<const unsigned char*>(mapping);
+  const auto* header = reinterpret_cast<const Elf64_Ehdr*>(file);
+  const uintptr_t offset = reinterpret_cast<uintptr_t>(address) - reinterpret_cast<uintptr_t>(info.dli_fbase);
+  std::string name;
+  if (std::memcmp(header->e_ident, ELFMAG, SELFMAG) == 0 && header->e_ident[EI_CLASS] == ELFCLASS64 &&
+      header->e_shoff + uint64_t{header->e_shnum} * sizeof(Elf64_Shdr) <= size) {
+    const auto* sections = reinterpret_cast<const Elf64_Shdr*>(file + header->e_shoff);
+    for (int s = 0; s < header->e_shnum && name.empty(); ++s) {
+      const Elf64_Shdr& table = sections[s];
+      if (table.sh_type != SHT_SYMTAB || table.sh_link >= header->e_shnum ||
+          table.sh_offset + table.sh_size > size) {
+        continue;
+      }
+      const Elf64_Shdr& strings = sections[table.sh_link];
+      const auto* symbols = reinterpret_cast<const Elf64_Sym*>(file + table.sh_offset);
+      for (size_t i = 0; i < table.sh_size / sizeof(Elf64_Sym); ++i) {
+        const Elf64_Sym& symbol = symbols[i];
+        if (ELF64_ST_TYPE(symbol.st_info) == STT_FUNC && symbol.st_value == offset &&
+            symbol.st_name < strings.sh_size && strings.sh_offset + strings.sh_size <= size) {
+          const char* begin = reinterpret_cast<const char*>(file + strings.sh_offset + symbol.st_name);
+          name.assign(begin, strnlen(begin, strings.sh_size - symbol.st_name));
+          break;
+        }
+      }
+    }
+  }
+  munmap(mapping, size);
+  return name;
+}
+
+// The kernel at `address`, named and with its bound, once set_launch_bounds has been called; nullopt
+// before.
+std::optional<Kernel> kernel_at(const void* address) {
+  const std::lock_guard<std::mutex> lock(bounds_mutex);
+  if (!launch_bounds_known) return std::nullopt;
+  const auto found = kernels.find(address);
+  if (found != kernels.end()) return found->second;
+  const std::string symbol = symbol_at(address);
+  TORCH_CHECK(!symbol.empty(), "CUDA emulator: no symbol of mmv_emulated names the kernel at ", address,
+              ", so its __launch_bounds__ cannot be checked (is the library stripped?)");
+  Kernel kernel{demangle(symbol.c_str()), 0};
+  const auto bound = launch_bounds.find(kernel.name);
+  if (bound != launch_bounds.end()) kernel.max_threads = bound->second;
+  return kernels.emplace(address, std::move(kernel)).first->second;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -289,7 +381,22 @@ std::string where(const Thread& t) {
   return "block " + coordinates(block_index) + " thread " + coordinates(t.coordinates.thread_index);
 }
 
-void yield(Thread& t) { mmv_emulation_switch_context(&t.stack_pointer, launch_in_progress->scheduler_stack_pointer); }
+// A round of the scheduler runs each thread that can run, in index order, until it waits or exits. A
+// thread that stops switches straight to the next one of the round (one context switch per wait, not
+// two through the scheduler), and to the scheduler when the round is over.
+void pass_on(void** save, Launch& l, size_t from) {
+  for (size_t i = from; i < l.threads.size(); ++i) {
+    Thread& next = l.threads[i];
+    if (next.state != State::kReady) continue;
+    running = &next;
+    current_thread = &next.coordinates;
+    mmv_emulation_switch_context(save, next.stack_pointer);
+    return;
+  }
+  mmv_emulation_switch_context(save, l.scheduler_stack_pointer);
+}
+
+void yield(Thread& t) { pass_on(&t.stack_pointer, *launch_in_progress, t.id + 1); }
 
 // Ends the launch with an error reported by `t`'s context; the block's fibers are abandoned.
 [[noreturn]] void fail(const Thread& t, const std::string& what) {
@@ -588,7 +695,7 @@ void fiber_main(void* argument) {
     }
   }
   void* abandoned = nullptr;
-  mmv_emulation_switch_context(&abandoned, l.scheduler_stack_pointer);
+  pass_on(&abandoned, l, t.id + 1);
   __builtin_unreachable();
 }
 
@@ -641,8 +748,15 @@ std::string kernel_description(const Launch& l) {
   return name + " launched at " + l.config.file + ":" + std::to_string(l.config.line);
 }
 
-std::string launch_check(const LaunchConfig& c) {
+// Why the modelled device refuses a launch, and with which error; an empty `what` when it does not.
+struct LaunchProblem {
+  cudaError_t error = cudaSuccess;
+  std::string what;
+};
+
+LaunchProblem launch_check(const LaunchConfig& c) {
   std::ostringstream out;
+  cudaError_t error = cudaErrorInvalidConfiguration;
   const uint64_t threads = uint64_t{c.block.x} * c.block.y * c.block.z;
   if (threads == 0 || threads > kMaxThreadsPerBlock || c.block.z > 64) {
     out << threads << " threads per block (" << c.block.x << " x " << c.block.y << " x " << c.block.z
@@ -661,9 +775,16 @@ std::string launch_check(const LaunchConfig& c) {
       out << c.dynamic_shared_bytes << " bytes of dynamic shared memory: more than the " << allowed
           << " allowed; above 48 KB, cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) must "
              "raise the kernel's limit first";
+    } else if (const auto kernel = kernel_at(c.kernel);
+               kernel && kernel->max_threads > 0 && threads > static_cast<uint64_t>(kernel->max_threads)) {
+      error = cudaErrorLaunchOutOfResources;
+      out << threads << " threads per block (" << c.block.x << " x " << c.block.y << " x " << c.block.z
+          << "): more than the " << kernel->max_threads << " of the kernel's __launch_bounds__ (" << kernel->name
+          << "); a GPU refuses it: too many resources requested for launch";
     }
   }
-  return out.str();
+  const std::string what = out.str();
+  return {what.empty() ? cudaSuccess : error, what};
 }
 
 }  // namespace
@@ -768,11 +889,10 @@ void run_kernel(const LaunchConfig& config, void (*thread_body)(const void*), co
   l.body = thread_body;
   l.closure = closure;
   l.caller = config.caller;
-  const std::string problem = launch_check(config);
-  if (!problem.empty()) {
-    set_error(cudaErrorInvalidConfiguration,
-              "CUDA emulator: invalid launch of " + std::string(config.name) + " at " + config.file + ":" +
-                  std::to_string(config.line) + ": " + problem);
+  const LaunchProblem problem = launch_check(config);
+  if (problem.error != cudaSuccess) {
+    set_error(problem.error, "CUDA emulator: invalid launch of " + std::string(config.name) + " at " + config.file +
+                                 ":" + std::to_string(config.line) + ": " + problem.what);
     return;
   }
   const int threads = static_cast<int>(config.block.x * config.block.y * config.block.z);
@@ -824,17 +944,13 @@ void run_kernel(const LaunchConfig& config, void (*thread_body)(const void*), co
           start_fiber(t);
         }
         while (l.live > 0 && l.error.empty()) {
-          bool ran = false;
-          for (Thread& t : l.threads) {
-            if (t.state != State::kReady) continue;
-            running = &t;
-            current_thread = &t.coordinates;
-            mmv_emulation_switch_context(&l.scheduler_stack_pointer, t.stack_pointer);
+          const auto first = std::find_if(l.threads.begin(), l.threads.end(),
+                                          [](const Thread& t) { return t.state == State::kReady; });
+          if (first != l.threads.end()) {
+            // A round: back here when it is over or a thread failed.
+            pass_on(&l.scheduler_stack_pointer, l, first - l.threads.begin());
             running = nullptr;
-            ran = true;
-            if (!l.error.empty()) break;
-          }
-          if (!ran && l.error.empty() && l.live > 0) {
+          } else {
             // Nobody can run: threads wait at collectives that the others never reach.
             for (Thread& t : l.threads) {
               if (t.state == State::kWarp) {
@@ -908,7 +1024,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int dev
 
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* kernel) {
   *attributes = cudaFuncAttributes{};
-  attributes->maxThreadsPerBlock = mmv::emulation::kMaxThreadsPerBlock;
+  const auto bounded = mmv::emulation::kernel_at(kernel);
+  attributes->maxThreadsPerBlock = bounded && bounded->max_threads > 0
+                                       ? std::min(bounded->max_threads, mmv::emulation::kMaxThreadsPerBlock)
+                                       : mmv::emulation::kMaxThreadsPerBlock;
   attributes->binaryVersion = model().compute_major * 10 + model().compute_minor;
   attributes->ptxVersion = attributes->binaryVersion;
   const auto found = mmv::emulation::max_dynamic_shared.find({mmv::emulation::current, kernel});
@@ -992,9 +1111,46 @@ at::Tensor guarded_copy(const at::Tensor& t) {
   return at::empty({0}, t.options()).set_(copy, t.storage_offset(), t.sizes(), t.strides());
 }
 
+// The launch bounds of the kernels, by the mangled name of nvcc's .entry: from now on a launch with
+// more threads per block than its kernel's bound fails. A kernel without a row declares none.
+void set_launch_bounds(const std::vector<std::string>& entries, const std::vector<int64_t>& max_threads) {
+  TORCH_CHECK_VALUE(entries.size() == max_threads.size(), "mmv_emulated.set_launch_bounds: max_threads must have ",
+                    entries.size(), " values, one per entry, got ", max_threads.size());
+  std::map<std::string, int> bounds;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    TORCH_CHECK_VALUE(max_threads[i] > 0, "mmv_emulated.set_launch_bounds: max_threads must be positive, got ",
+                      max_threads[i], " for ", entries[i]);
+    // Kernels in anonymous namespaces of different sources may share a name; the symbol does not say
+    // which source a kernel came from.
+    const auto [row, added] = bounds.emplace(mmv::emulation::demangle(entries[i].c_str()), max_threads[i]);
+    TORCH_CHECK_VALUE(added || row->second == max_threads[i], "mmv_emulated.set_launch_bounds: two kernels named ",
+                      row->first, " declare different __launch_bounds__ (", row->second, " and ", max_threads[i],
+                      " threads); the emulator cannot tell them apart: rename one");
+  }
+  const std::lock_guard<std::mutex> lock(mmv::emulation::bounds_mutex);
+  mmv::emulation::launch_bounds = std::move(bounds);
+  mmv::emulation::launch_bounds_known = true;
+  mmv::emulation::kernels.clear();
+}
+
+// The kernels launched (or asked about) since set_launch_bounds, demangled, and the bound the emulator
+// found for each (0: it declares none).
+std::tuple<std::vector<std::string>, std::vector<int64_t>> kernel_bounds() {
+  const std::lock_guard<std::mutex> lock(mmv::emulation::bounds_mutex);
+  std::vector<std::string> names;
+  std::vector<int64_t> max_threads;
+  for (const auto& [address, kernel] : mmv::emulation::kernels) {
+    names.push_back(kernel.name);
+    max_threads.push_back(kernel.max_threads);
+  }
+  return {names, max_threads};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mmv_emulated, m) {
+  m.def("set_launch_bounds(str[] entries, int[] max_threads) -> ()", &set_launch_bounds);
+  m.def("kernel_bounds() -> (str[], int[])", &kernel_bounds);
   m.def("set_device(str name) -> ()", &set_device);
   m.def("device() -> str", &current_device);
   m.def("guard_allocations(bool on) -> ()", &guard_allocations);
