@@ -56,14 +56,21 @@ def pin_cpu_numerics() -> dict[str, str]:
 
     Raises:
         RuntimeError: PyTorch's kernels already run another path (a tensor operation came first), or the
-            processor has no AVX2.
+            processor has no AVX2; the environment is then left as it was.
     """
+    previous = {name: os.environ.get(name) for name in PINNED_ENVIRONMENT}
     os.environ.update(PINNED_ENVIRONMENT)
     import torch
 
     # PyTorch fixes its path at the first vectorised kernel; asking for it here fixes it to ours if none ran.
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX2":
+        # Left as it was: processes started later would otherwise run other paths than this one.
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         raise RuntimeError(
             f"pin_cpu_numerics: PyTorch's CPU kernels run the {capability} path, not AVX2: a tensor operation "
             "ran before pin_cpu_numerics() (call it first), or this processor has no AVX2"

@@ -83,6 +83,20 @@ def test_pinning_refuses_once_a_tensor_operation_chose_the_paths():
     assert "RuntimeError: pin_cpu_numerics: PyTorch's CPU kernels run the DEFAULT path" in completed.stderr
 
 
+def test_a_refused_pin_leaves_the_environment_as_it_was():
+    script = (
+        "import os, torch; torch.ones(64).sum(); from mmv.numerics import pin_cpu_numerics\n"
+        "try:\n    pin_cpu_numerics()\nexcept RuntimeError:\n    pass\n"
+        "print(os.environ.get('MKL_CBWR'), os.environ.get('ONEDNN_MAX_CPU_ISA'), os.environ['ATEN_CPU_CAPABILITY'])\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=_clean_environment({"ATEN_CPU_CAPABILITY": "default"}),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.split() == ["None", "None", "default"]
+
+
 def test_pinning_again_is_harmless_and_sets_the_environment():
     # This process has run tensor operations already, so it passes only where they ran on the pinned path.
     script = (
