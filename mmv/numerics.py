@@ -1,11 +1,11 @@
-"""Pinned CPU numerics: the same bits from the same seed and thread count on any x86-64 CPU with AVX2.
+"""Pinned CPU numerics: the same bits from the same seed and thread count on any x86-64 CPU with AVX-512.
 
 A float32 result computed on the CPU depends on which code computed it, because each code path sums
 in its own order and float32 addition is not associative. Three libraries choose their code per
 processor when they first run:
 
 - MKL, behind PyTorch's float32 matrix products (``nn.Linear`` forward and backward, the probes'
-  L-BFGS): AVX-512 kernels on Intel processors, AVX2 kernels on AMD processors.
+  L-BFGS): AVX-512 kernels on Intel processors, its own kernels for AMD's Zen on AMD processors.
 - PyTorch's vectorised kernels (layer norm, softmax, GELU, reductions, ``grid_sample``, the optimiser):
   AVX-512 or AVX2 vectors, as ``ATEN_CPU_CAPABILITY`` or the processor allows.
 - oneDNN, whose batch-reduce GEMM micro-kernels compute the tile products of mmv's CPU attention
@@ -15,8 +15,12 @@ A few hundred training steps carry the last-bit differences of each step into vi
 weights, and so into different probe AUROCs. :func:`pin_cpu_numerics` sends each down one path that
 every x86-64 processor of the last decade runs alike: PyTorch's and oneDNN's AVX2 code, and MKL's
 "compatible" branch of its conditional numerical reproducibility (CNR) mode, a single SSE2 code path.
-MKL's AVX2 branch would be faster, but MKL honours it on Intel processors only: on AMD it runs its
-automatic branch, whose code MKL does not promise to match the AVX2 branch of an Intel processor.
+MKL's AVX2 branch is about twice as fast, but MKL honours it on Intel processors only: on AMD it runs
+its automatic branch, with its Zen kernels, which give other bits than the AVX2 branch for some shapes.
+
+Left to the processor: numpy's SIMD loops and the clone of mmv's CPU kernels that the loader picks
+(``csrc/cpu/simd.h``), the AVX-512 one on every processor with AVX-512 (Intel since Skylake-SP, AMD since
+Zen 4); on a processor with AVX2 only they take other code, which is not checked to give the same bits.
 
 What it does not pin, so a reproducible run must fix it too:
 
