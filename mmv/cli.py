@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -241,6 +242,13 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from mmv.numerics import pin_cpu_numerics
+
+    # Before the first tensor operation, so that the figures follow no processor (mmv.numerics).
+    try:
+        pin_cpu_numerics()
+    except RuntimeError as error:  # main() called from a process that has computed already
+        warnings.warn(f"{error}; the demo runs unpinned, its figures may differ on another processor", RuntimeWarning)
     from mmv.demo import DemoSettings, format_results, run_demo
 
     chosen = {"num_phantoms": args.phantoms, "steps": args.steps, "seed": args.seed, "threads": args.threads}

@@ -61,10 +61,12 @@ class DemoSettings:
         lr: peak learning rate.
         ct_spacing: CT voxel size in mm (phantoms are generated at it, so no resampling is needed).
         xray_spacing: radiograph pixel size in mm.
-        threads: torch threads. Fixed by default because the figures depend on it: another thread count
-            sums in another order, and a few hundred training steps carry that into other AUROCs. One
-            thread is also the quickest on a busy two-core machine. None chooses the cores left free by
-            other processes (at least one): faster on an idle machine, but then the figures follow the load.
+        threads: torch threads. Fixed by default because the figures may depend on it: another thread
+            count can sum in another order, and a few hundred training steps carry that into other AUROCs.
+            One thread is also the quickest on a busy two-core machine. None chooses the cores left free by
+            other processes (at least one): faster on an idle machine, but then the figures may follow the
+            load. The processor's own code paths are pinned by the ``mmv demo`` command
+            (:func:`mmv.numerics.pin_cpu_numerics`); pretraining runs in float32.
         overrides: ``section.key=value`` changes of the pretraining config (TOML values, as ``mmv pretrain
             --set`` takes them), applied last, e.g. ``("run.seed=1", "ssl.teacher_temperature=[0.04, 0.04]")``:
             variants of the recipe on the same phantoms. ``run.seed`` also seeds the random-init baseline.
@@ -145,6 +147,9 @@ def demo_config(settings: DemoSettings, manifest: Path, out_dir: Path) -> Pretra
             "checkpoint_every": max(1, settings.steps // 2),
             "keep_checkpoints": 1,
             "num_threads": settings.threads,
+            # float32: bfloat16 products run on AMX tiles on some processors and on AVX512-BF16 on others,
+            # which round differently, so the figures would follow the processor (see mmv.numerics).
+            "bf16": False,
         },
     }
     return PretrainConfig.from_dict(apply_overrides(recipe, settings.overrides))
