@@ -43,11 +43,14 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS, phantom_manifest
-    from mmv.demo import DemoSettings, demo_config, extract_features, initial_encoder
+    from mmv.data.dataset_spec import DatasetSpec
+    from mmv.data.phantom import MANIFEST_NAME, PHANTOM_FINDINGS
+    from mmv.demo import DemoSettings, demo_config, initial_encoder
+    from mmv.eval.embed import ARRAY_NAMES, run_embed_encoders
+    from mmv.eval.features import read_feature_table
     from mmv.eval.probe import fit_linear_probe
-    from mmv.pretrain_data import build_pretraining_sources, modality_preprocess
     from mmv.train import Trainer
+    from mmv.train.sources import build_pretraining_sources
 
     manifest = Path(args.phantoms) / MANIFEST_NAME
     settings = DemoSettings(
@@ -62,10 +65,15 @@ def main() -> None:
     state = teacher.state_dict()
     weights = _digest(state[name].float().numpy() for name in sorted(state))
 
-    dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
-    features, indices = extract_features({"ssl": teacher, "random": random_encoder}, dataset, progress=False)
-    labels = np.array([dataset.records[i].labels for i in indices], dtype=np.float64)
-    half = len(indices) // 2
+    # The demo's path: one embed run for both encoders, then a probe on the tables.
+    embedded = run_embed_encoders(
+        {"ssl": trainer.out_dir, "random": random_encoder}, DatasetSpec("manifest", manifest, id_column="id"),
+        Path(args.out) / "features", device="cpu", resume=False, progress=False,
+    )
+    tables = {name: read_feature_table(run.directory, ARRAY_NAMES) for name, run in embedded.items()}
+    features = {name: np.asarray(table.features) for name, table in tables.items()}
+    labels = np.asarray(tables["ssl"].index.labels, dtype=np.float64)
+    half = len(labels) // 2
     probe = fit_linear_probe(
         features["ssl"][:half], labels[:half], features["ssl"][half:], labels[half:],
         label_names=PHANTOM_FINDINGS, progress=False,
