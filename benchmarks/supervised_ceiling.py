@@ -44,16 +44,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmv.data import read_table
+from mmv.data.datasets import CT_MODALITY, XRAY_MODALITY
 from mmv.data.phantom import DESCRIPTION_NAME, MANIFEST_NAME, PHANTOM_FINDINGS, PhantomSettings, phantom_manifest, write_phantom_dataset
 from mmv.demo import DemoSettings, demo_config, initial_encoder
 from mmv.eval.metrics import auroc, bootstrap_auroc, macro_auroc
 from mmv.model.encoder import Encoder
 from mmv.packing import pack
-from mmv.pretrain_data import modality_preprocess
 from mmv.tokenizer import TokenizedImage
+from mmv.train.sources import modality_preprocess
 
-MODALITIES = {"xray": "DX", "ct": "CT"}
+MODALITIES = {"xray": XRAY_MODALITY, "ct": CT_MODALITY}
 LABELS = {"xray": "X-ray", "ct": "CT"}
 DEFAULT_PHANTOMS = Path("benchmarks/out/phantoms")
 
@@ -91,10 +91,10 @@ def phantom_folder(data: str | None, settings: DemoSettings) -> Path:
     return write_phantom_dataset(DEFAULT_PHANTOMS, settings.num_phantoms, settings.seed, phantoms, workers=None)
 
 
-def load_split(dataset, rows: Sequence[int], tokenizer, desc: str) -> tuple[list[TokenizedImage], torch.Tensor]:
-    """The tokenised images and the ``(N, L)`` labels of ``rows`` of ``dataset``, read once."""
+def load_split(dataset, tokenizer, desc: str) -> tuple[list[TokenizedImage], torch.Tensor]:
+    """The tokenised images and the ``(N, L)`` labels of every image of ``dataset``, read once."""
     items, labels = [], []
-    for row in tqdm(rows, desc=desc, leave=False):
+    for row in tqdm(range(len(dataset)), desc=desc, leave=False):
         sample = dataset[row]
         items.append(tokenizer(sample.image))
         labels.append(sample.labels)
@@ -160,27 +160,26 @@ def measure(scores: np.ndarray, labels: np.ndarray, seed: int) -> dict:
     }
 
 
-def run_modality(modality: str, dataset, split_of: dict[str, str], config, args: argparse.Namespace) -> dict:
-    tag = MODALITIES[modality]
-    rows = {
-        split: [i for i, record in enumerate(dataset.records) if record.modality == tag and split_of[record.id] == split]
+def run_modality(modality: str, dataset, config, args: argparse.Namespace) -> dict:
+    splits = {
+        split: dataset.in_splits(split).subset(lambda record: record.modality == MODALITIES[modality])
         for split in ("train", "test")
     }
     encoder = initial_encoder(config)
     # Drawn right after the encoder from the same seeded stream: the head is the same for every run too.
     model = SupervisedModel(encoder, len(PHANTOM_FINDINGS))
     started = time.perf_counter()
-    train_items, train_labels = load_split(dataset, rows["train"], encoder.tokenizer, f"{LABELS[modality]} train images")
+    train_items, train_labels = load_split(splits["train"], encoder.tokenizer, f"{LABELS[modality]} train images")
     losses = train(model, train_items, train_labels, args, f"{LABELS[modality]} supervised")
     del train_items
-    test_items, test_labels = load_split(dataset, rows["test"], encoder.tokenizer, f"{LABELS[modality]} test images")
+    test_items, test_labels = load_split(splits["test"], encoder.tokenizer, f"{LABELS[modality]} test images")
     scores = test_scores(model, test_items, args.batch_size)
     figures = measure(scores, test_labels.numpy().astype(np.float64), args.seed)
     figures.update(
         {
-            "train_rows": len(rows["train"]),
-            "test_rows": len(rows["test"]),
-            "epochs": args.steps * args.batch_size / len(rows["train"]),
+            "train_rows": len(splits["train"]),
+            "test_rows": len(splits["test"]),
+            "epochs": args.steps * args.batch_size / len(splits["train"]),
             "train_loss_every_log_steps": losses,
             "seconds": time.perf_counter() - started,
         }
@@ -264,8 +263,7 @@ def main() -> None:
     manifest = phantom_folder(args.data, settings)
     config = demo_config(settings, manifest, manifest.parent / "unused-pretrain")
     dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
-    split_of = {row["id"]: row["split"] for row in read_table(manifest, required=("id", "split"))}
-    detail = {modality: run_modality(modality, dataset, split_of, config, args) for modality in args.modalities}
+    detail = {modality: run_modality(modality, dataset, config, args) for modality in args.modalities}
 
     description = manifest.parent / DESCRIPTION_NAME
     results = {
