@@ -230,7 +230,7 @@ def plot(results: dict, path: Path) -> None:
         f"supervised vit_tiny, {results['steps']} steps: test AUROC (95 % CI), seed {results['settings']['seed']}",
         fontsize=10,
     )
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
