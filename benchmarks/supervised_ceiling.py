@@ -9,7 +9,8 @@ Recipe, one model per modality (X-ray, CT):
 
 - data: the demo's phantom set (:class:`mmv.demo.DemoSettings`: count, seed, spacings), written with
   :func:`mmv.data.phantom.write_phantom_dataset` unless ``--data`` names a phantom folder to use as it is;
-  images preprocessed as the demo's pretraining and probes see them (:func:`mmv.demo.demo_config`);
+  images preprocessed as the demo's pretraining and probes see them (the
+  :attr:`~mmv.Encoder.preprocess` of :func:`mmv.demo.initial_encoder`);
 - model: the demo's random-init encoder (:func:`mmv.demo.initial_encoder`, weight for weight), CLS token
   and mean patch token side by side into one linear layer with one output per finding;
 - training: the training split only, batches of ``--batch-size`` whole images packed with
@@ -21,9 +22,9 @@ Recipe, one model per modality (X-ray, CT):
 - measure: per-finding and macro AUROC of the logits on the test split, with percentile bootstrap
   intervals (:mod:`mmv.eval.metrics`).
 
-Float32 throughout (no autocast) on a fixed number of torch threads (the demo's, ``--threads``) with
-seeded initialisation and data order, so that the same seed gives the same figures on the same kind of
-machine.
+Float32 throughout (no autocast) on a fixed number of torch threads (the demo's, ``--threads``), with
+the CPU libraries' code paths pinned as ``mmv demo`` pins them (:func:`mmv.numerics.pin_cpu_numerics`)
+and seeded initialisation and data order, so that the same seed gives the same figures.
 
     python benchmarks/supervised_ceiling.py --json benchmarks/out/supervised_ceiling.json \\
         --plot benchmarks/out/supervised_ceiling.png
@@ -36,6 +37,7 @@ import datetime
 import json
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,9 +51,9 @@ from mmv.data.phantom import DESCRIPTION_NAME, MANIFEST_NAME, PHANTOM_FINDINGS, 
 from mmv.demo import DemoSettings, demo_config, initial_encoder
 from mmv.eval.metrics import auroc, bootstrap_auroc, macro_auroc
 from mmv.model.encoder import Encoder
+from mmv.numerics import pin_cpu_numerics
 from mmv.packing import pack
 from mmv.tokenizer import TokenizedImage
-from mmv.train.sources import modality_preprocess
 
 MODALITIES = {"xray": XRAY_MODALITY, "ct": CT_MODALITY}
 LABELS = {"xray": "X-ray", "ct": "CT"}
@@ -252,6 +254,12 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a bar plot of the results here (PNG)")
     args = parser.parse_args()
+    # Before the first tensor operation, as in mmv demo: the figures then follow no processor (mmv.numerics).
+    try:
+        pinned = pin_cpu_numerics()
+    except RuntimeError as error:
+        warnings.warn(f"{error}; running unpinned, the figures may differ on another processor", RuntimeWarning)
+        pinned = {}
     for name in ("steps", "batch_size", "log_every", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -262,7 +270,8 @@ def main() -> None:
     settings = DemoSettings(seed=args.seed, threads=args.threads)
     manifest = phantom_folder(args.data, settings)
     config = demo_config(settings, manifest, manifest.parent / "unused-pretrain")
-    dataset = phantom_manifest(manifest, transform=modality_preprocess(config.data))
+    # The demo's preprocessing, which its initial encoder carries.
+    dataset = phantom_manifest(manifest, transform=initial_encoder(config).preprocess)
     detail = {modality: run_modality(modality, dataset, config, args) for modality in args.modalities}
 
     description = manifest.parent / DESCRIPTION_NAME
@@ -279,6 +288,7 @@ def main() -> None:
         "schedule": "OneCycleLR, torch's defaults",
         "threads": torch.get_num_threads(),
         "precision": "float32",
+        "pinned_environment": pinned,
         "machine": cpu_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
