@@ -61,12 +61,14 @@ class DemoSettings:
         lr: peak learning rate.
         ct_spacing: CT voxel size in mm (phantoms are generated at it, so no resampling is needed).
         xray_spacing: radiograph pixel size in mm.
-        threads: torch threads. Fixed by default because the figures may depend on it: another thread
-            count can sum in another order, and a few hundred training steps carry that into other AUROCs.
-            One thread is also the quickest on a busy two-core machine. None chooses the cores left free by
-            other processes (at least one): faster on an idle machine, but then the figures may follow the
-            load. The processor's own code paths are pinned by the ``mmv demo`` command
-            (:func:`mmv.numerics.pin_cpu_numerics`); pretraining runs in float32.
+        threads: torch threads. Fixed by default because the figures depend on it: another thread count
+            sums in another order, and a few hundred training steps carry that into other AUROCs. Two, the
+            cores of the machines the demo is sized for: on an idle one they pretrain 1.6 times as fast as one
+            thread. On a machine that is busy with other work, ``threads=1`` is quicker (two threads then
+            wait for each other), with figures of its own. None chooses the cores left free by other
+            processes (at least one), so the figures may follow the load. The processor's own code paths are
+            pinned by the ``mmv demo`` command (:func:`mmv.numerics.pin_cpu_numerics`); pretraining runs in
+            float32.
         overrides: ``section.key=value`` changes of the pretraining config (TOML values, as ``mmv pretrain
             --set`` takes them), applied last, e.g. ``("run.seed=1", "ssl.teacher_temperature=[0.04, 0.04]")``:
             variants of the recipe on the same phantoms. ``run.seed`` also seeds the random-init baseline.
@@ -79,7 +81,7 @@ class DemoSettings:
     lr: float = 2e-3
     ct_spacing: float = 5.0
     xray_spacing: float = 2.5
-    threads: int | None = 1
+    threads: int | None = 2
     overrides: tuple[str, ...] = ()
 
 
