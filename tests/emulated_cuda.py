@@ -92,8 +92,8 @@ def load() -> None:
             ptx_build.wait()
         raise
     if ptx_build is not None:
-        bounds = _finish_ptx_build(ptx_build)
-        torch.ops.mmv_emulated.set_launch_bounds(list(bounds), list(bounds.values()))
+        rows = _finish_ptx_build(ptx_build)
+        torch.ops.mmv_emulated.set_launch_bounds([entry for entry, _ in rows], [bound for _, bound in rows])
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -136,15 +136,13 @@ def _start_ptx_build(compiler: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT)
 
 
-def _finish_ptx_build(build: subprocess.Popen) -> dict[str, int]:
-    """Waits for the PTX build; each kernel's (mangled .entry name's) launch bound over all sources."""
+def _finish_ptx_build(build: subprocess.Popen) -> list[tuple[str, int]]:
+    """Waits for the PTX build; each kernel's mangled .entry name and launch bound, source by source. A
+    name two sources share keeps both rows, so that set_launch_bounds sees bounds that disagree."""
     if build.wait() != 0:
         raise RuntimeError("nvcc could not compile the CUDA kernel sources to PTX, which the emulator reads "
                            "their __launch_bounds__ from:\n" + (PTX / "ninja.log").read_text()[-8000:])
-    bounds = {}
-    for source in KERNEL_SOURCES:
-        bounds.update(launch_bounds(_ptx_of(source).read_text()))
-    return bounds
+    return [row for source in KERNEL_SOURCES for row in launch_bounds(_ptx_of(source).read_text()).items()]
 
 
 ENTRY = re.compile(r"(?:\.visible\s+|\.weak\s+)?\.entry\s+([^\s(]+)")

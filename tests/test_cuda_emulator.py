@@ -142,6 +142,21 @@ def test_launch_beyond_the_kernels_launch_bounds():
         planted("bounded", True, x)
 
 
+@launch_bounds_checked
+def test_a_table_of_launch_bounds_the_emulator_cannot_use_is_refused_and_the_one_in_force_kept():
+    # Anonymous-namespace kernels of two sources demangle alike: bounds that disagree cannot be told apart.
+    twins = ["_ZN12_GLOBAL__N_16kernelEPf", "_ZN12_GLOBAL__N_16kernelEPf"]
+    with pytest.raises(ValueError, match=r"two kernels named \(anonymous namespace\)::kernel\(float\*\) declare "
+                       r"different __launch_bounds__ \(64 and 128 threads\)"):
+        torch.ops.mmv_emulated.set_launch_bounds(twins, [64, 128])
+    with pytest.raises(ValueError, match="max_threads must have 2 values, one per entry, got 1"):
+        torch.ops.mmv_emulated.set_launch_bounds(twins, [64])
+    with pytest.raises(ValueError, match="max_threads must be positive, got 0"):
+        torch.ops.mmv_emulated.set_launch_bounds(twins[:1], [0])
+    with pytest.raises(RuntimeError, match=r"more than the 64 of the kernel's __launch_bounds__"):
+        planted("bounded", True, torch.arange(64, dtype=torch.float32))
+
+
 def test_launch_bounds_are_read_from_the_ptx_directive():
     ptx = """
 .visible .entry _Z6scaledPf(
