@@ -71,6 +71,7 @@ from mmv.eval.features import (
     read_feature_index,
     read_feature_table,
 )
+from mmv.files import atomic_write
 from mmv.model.encoder import Encoder
 from mmv.tokenizer import Tokenizer
 
@@ -178,9 +179,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write(path, lambda stream: stream.write((json.dumps(values, indent=2) + "\n").encode("utf-8")))
 
 
 def _check_same_settings(path: Path, record: dict[str, Any], settings: dict[str, Any]) -> None:
