@@ -325,7 +325,6 @@ def _write_finished_table(partial: Path, out_dir: Path, kept_rows: np.ndarray) -
 class _Table:
     """One encoder of a run and the feature table it fills."""
 
-    loaded: LoadedEncoder
     encoder: Encoder
     out_dir: Path
     record: dict[str, Any]
@@ -415,7 +414,7 @@ def _run(
             "device": str(device),
         }
         _write_json(out_dirs[name] / PARTIAL_DIR / RUN_FILE, record)
-        tables[name] = _Table(encoder_read, encoder, out_dirs[name], record)
+        tables[name] = _Table(encoder, out_dirs[name], record)
     if not tables:
         return runs
 
