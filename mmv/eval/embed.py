@@ -71,6 +71,7 @@ from mmv.eval.features import (
     read_feature_index,
     read_feature_table,
 )
+from mmv.files import atomic_write
 from mmv.model.encoder import Encoder
 from mmv.tokenizer import Tokenizer
 
@@ -178,9 +179,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write(path, lambda stream: stream.write((json.dumps(values, indent=2) + "\n").encode("utf-8")))
 
 
 def _check_same_settings(path: Path, record: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -326,7 +325,6 @@ def _write_finished_table(partial: Path, out_dir: Path, kept_rows: np.ndarray) -
 class _Table:
     """One encoder of a run and the feature table it fills."""
 
-    loaded: LoadedEncoder
     encoder: Encoder
     out_dir: Path
     record: dict[str, Any]
@@ -416,7 +414,7 @@ def _run(
             "device": str(device),
         }
         _write_json(out_dirs[name] / PARTIAL_DIR / RUN_FILE, record)
-        tables[name] = _Table(encoder_read, encoder, out_dirs[name], record)
+        tables[name] = _Table(encoder, out_dirs[name], record)
     if not tables:
         return runs
 

@@ -44,17 +44,20 @@ class LoadedEncoder:
     """An encoder read for embedding, with the preprocessing it was trained with (when known).
 
     Attributes:
-        encoder: the encoder, in eval mode; its ``preprocess`` is :attr:`preprocess`.
-        preprocess: the preprocessing of its training run, or the defaults.
+        encoder: the encoder, in eval mode.
         preprocess_from: where :attr:`preprocess` comes from: ``"the encoder"`` (its own record),
             ``"the pretraining run"`` (a run config) or ``"the defaults"``.
         source: what was read, for the record (a path, or ``"an Encoder object"``).
     """
 
     encoder: Encoder
-    preprocess: ModalityPreprocess
     preprocess_from: str
     source: str
+
+    @property
+    def preprocess(self) -> ModalityPreprocess:
+        """The preprocessing of its training run, or the defaults: the encoder's own record."""
+        return self.encoder.preprocess
 
 
 def _run_config(path: Path) -> PretrainConfig | None:
@@ -79,23 +82,23 @@ def _records_preprocess(path: Path) -> bool:
 
 def _load_training_checkpoint(path: Path) -> LoadedEncoder:
     encoder = encoder_from_checkpoint(path, "teacher")
-    return LoadedEncoder(encoder, encoder.preprocess, "the pretraining run", str(path))
+    return LoadedEncoder(encoder, "the pretraining run", str(path))
 
 
 def _load_encoder_directory(path: Path) -> LoadedEncoder:
     if _records_preprocess(path / CONFIG_NAME):
         encoder = Encoder.from_pretrained(path)
-        return LoadedEncoder(encoder, encoder.preprocess, "the encoder", str(path))
+        return LoadedEncoder(encoder, "the encoder", str(path))
     # Written before encoders recorded their preprocessing: the run config beside it still says what it was.
     run = _run_config(path.parent / CONFIG_NAME)
     if run is None:
         encoder = Encoder.from_pretrained(path)  # warns that the defaults are used
-        return LoadedEncoder(encoder, encoder.preprocess, "the defaults", str(path))
+        return LoadedEncoder(encoder, "the defaults", str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingPreprocessWarning)
         encoder = Encoder.from_pretrained(path)
     encoder.preprocess = modality_preprocess(run.data)
-    return LoadedEncoder(encoder, encoder.preprocess, "the pretraining run", str(path))
+    return LoadedEncoder(encoder, "the pretraining run", str(path))
 
 
 def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
@@ -106,7 +109,7 @@ def load_encoder(checkpoint: str | os.PathLike | Encoder) -> LoadedEncoder:
         CheckpointError: an unreadable or foreign checkpoint, or weights that do not fit its config.
     """
     if isinstance(checkpoint, Encoder):
-        return LoadedEncoder(checkpoint.eval(), checkpoint.preprocess, "the encoder", "an Encoder object")
+        return LoadedEncoder(checkpoint.eval(), "the encoder", "an Encoder object")
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path or an mmv.Encoder, got {type(checkpoint).__name__}")
     path = Path(checkpoint)

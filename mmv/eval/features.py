@@ -365,26 +365,27 @@ def read_feature_table(
             array named ``"cls+patch_mean"``.
         allow_incomplete: accept a table whose rows are not all written (unwritten rows hold zeros).
     """
-    if not isinstance(array, str):
-        names = tuple(array)
-        if not names or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
-            raise ValueError(f"array must be an array name or distinct array names, got {array!r}")
-        tables = [read_feature_table(directory, name, allow_incomplete=allow_incomplete) for name in names]
-        features = np.concatenate([np.asarray(table.features) for table in tables], axis=1)
-        return FeatureTable(tables[0].directory, "+".join(names), tables[0].index, features)
+    names = (array,) if isinstance(array, str) else tuple(array)
+    if not names or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise ValueError(f"array must be an array name or distinct array names, got {array!r}")
     directory = Path(directory)
     meta = _read_meta(directory)
-    if array not in meta["arrays"]:
-        raise FeatureTableError(directory, f"has no array {array!r}; it has {sorted(meta['arrays'])}")
+    for name in names:
+        if name not in meta["arrays"]:
+            raise FeatureTableError(directory, f"has no array {name!r}; it has {sorted(meta['arrays'])}")
+    # The index and the written flags are read once, however many arrays are opened.
     index = read_feature_index(directory / INDEX_FILE)
     if len(index) != meta.get("num_rows") or list(index.label_names) != meta.get("label_names"):
         raise FeatureTableError(directory, f"{INDEX_FILE} disagrees with {META_FILE}")
-    features = _open_array(directory / f"{array}.npy", "r", (len(index), meta["arrays"][array]), np.float32)
+    arrays = [
+        _open_array(directory / f"{name}.npy", "r", (len(index), meta["arrays"][name]), np.float32) for name in names
+    ]
     written = _open_array(directory / WRITTEN_FILE, "r", (len(index),), np.bool_)
     missing = int((~written).sum())
     if missing and not allow_incomplete:
         raise FeatureTableError(directory, f"{missing} of {len(index)} rows have no features yet (resume the run)")
-    return FeatureTable(directory=directory, array_name=array, index=index, features=features)
+    features = arrays[0] if isinstance(array, str) else np.concatenate([np.asarray(a) for a in arrays], axis=1)
+    return FeatureTable(directory=directory, array_name="+".join(names), index=index, features=features)
 
 
 class RowSelection:
