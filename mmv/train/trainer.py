@@ -168,9 +168,6 @@ class Trainer:
             raise TypeError(f"Trainer: config must be a PretrainConfig, got {type(config).__name__}")
         self.config = config
         self.device, self.world_size, self.rank = _set_up_distribution(config.run)
-        optim = config.optim
-        if optim.steps < 1 or optim.accumulation < 1:
-            raise ValueError(f"optim.steps and optim.accumulation must be positive, got {optim.steps} and {optim.accumulation}")
         self._check_output_directory()
         encoder = self._build_encoder()
         heads = self._build_heads(encoder.config.embed_dim)
