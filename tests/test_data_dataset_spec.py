@@ -199,6 +199,15 @@ def test_manifest_splits_select_rows_regardless_of_case(manifest):
     assert [record.id for record in Manifest(manifest).in_splits("VAL").records] == ["c"]
 
 
+def test_manifest_in_splits_checks_its_own_argument_and_every_split_it_names(manifest):
+    dataset = Manifest(manifest)
+    for splits in ((), " ", ["train", ""], [1]):
+        with pytest.raises(ValueError, match="splits must be one or more non-blank split names"):
+            dataset.in_splits(splits)
+    with pytest.raises(ValueError, match=r"no rows with split \['holdout'\]"):
+        dataset.in_splits(["train", "holdout"])  # one split present does not excuse another absent
+
+
 def test_manifest_without_split_and_group_columns(plain_manifest):
     dataset = open_dataset(DatasetSpec("manifest", plain_manifest))
     assert (dataset.split_column, dataset.group_column) == (None, None)

@@ -23,6 +23,10 @@ def test_the_objective_takes_the_ssl_section_not_the_run_config():
     objective = SslObjective(SslConfig(num_prototypes=64, dino_weight=0.5, ibot_weight=2.0, koleo_weight=0.3))
     assert objective.weights == (0.5, 2.0, 0.3)
     assert objective.dino.student_temperature == objective.ibot.student_temperature == 0.1
+    assert objective.dino.normalisation == objective.ibot.normalisation == "centering"
+    sinkhorn = SslObjective(SslConfig(num_prototypes=64, student_temperature=0.2, normalisation="sinkhorn"))
+    assert sinkhorn.dino.normalisation == sinkhorn.ibot.normalisation == "sinkhorn"
+    assert sinkhorn.dino.student_temperature == sinkhorn.ibot.student_temperature == 0.2
 
 
 def test_the_loss_is_the_terms_weighted_as_the_ssl_section_says(tmp_path):

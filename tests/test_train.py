@@ -104,6 +104,15 @@ def test_every_config_field_is_type_checked_when_the_config_is_built(override, m
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "override", ["optim.steps=0", "optim.accumulation=0", "run.log_every=0", "run.checkpoint_every=0", "run.keep_checkpoints=0"]
+)
+def test_counts_and_periods_must_be_positive_when_the_config_is_built(override):
+    # A zero period would end the run at its first step (the loop takes the step modulo it).
+    with pytest.raises(ValueError, match=re.escape(f"{override.split('=')[0]} must be positive, got 0")):
+        load_config(None, [override])
+
+
 def test_config_values_are_normalised_and_checked_on_direct_construction():
     config = load_config(None, ["optim.lr=1", "optim.clip_grad=none", "data.ct_spacing=[2, 2, 2]"])
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float) and config.optim.clip_grad is None

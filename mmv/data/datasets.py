@@ -711,8 +711,8 @@ class Manifest(LabelledImageDataset):
         """The rows whose ``split`` cell is one of ``splits`` (compared regardless of case), in table order.
 
         Raises:
-            ValueError: ``splits`` is empty or holds a blank name, the table has no ``split`` column, or no
-                row is in one of ``splits``.
+            ValueError: ``splits`` is empty or holds a blank name, the table has no ``split`` column, or one
+                of ``splits`` has no row.
         """
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         if not splits or not all(isinstance(split, str) and split.strip() for split in splits):

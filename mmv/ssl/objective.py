@@ -78,9 +78,8 @@ class SslObjective(nn.Module):
         super().__init__()
         if not all(hasattr(ssl, name) for name in _OBJECTIVE_FIELDS):
             raise TypeError(f"SslObjective: ssl must be the [ssl] section (an SslConfig), got {type(ssl).__name__}")
-        normalisation = {"normalisation": ssl.normalisation}
-        self.dino = DinoLoss(ssl.num_prototypes, ssl.student_temperature, **normalisation)
-        self.ibot = IbotLoss(ssl.num_prototypes, ssl.student_temperature, **normalisation)
+        self.dino = DinoLoss(ssl.num_prototypes, ssl.student_temperature, normalisation=ssl.normalisation)
+        self.ibot = IbotLoss(ssl.num_prototypes, ssl.student_temperature, normalisation=ssl.normalisation)
         self.weights = (ssl.dino_weight, ssl.ibot_weight, ssl.koleo_weight)
 
     def forward(self, student: nn.Module, teacher: EmaTeacher, batch: SslBatch, temperature: float) -> StepLosses:

@@ -302,6 +302,10 @@ class OptimConfig(_Section):
     accumulation: int = 1
     freeze_last_layer_steps: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, ("steps", "accumulation"))
+
 
 @dataclass
 class RunSettings(_Section):
@@ -325,6 +329,14 @@ class RunSettings(_Section):
         super().__post_init__()
         if isinstance(self.bf16, str) and self.bf16 != "auto":
             raise ValueError(f"run.bf16 must be true, false or 'auto', got {self.bf16!r}")
+        # The training loop takes the step number modulo the first two.
+        _check_positive(self, ("log_every", "checkpoint_every", "keep_checkpoints"))
+
+
+def _check_positive(section: _Section, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ValueError(f"{_SECTION_NAMES[type(section)]}.{name} must be positive, got {getattr(section, name)}")
 
 
 _SECTIONS = {

@@ -168,9 +168,6 @@ class Trainer:
             raise TypeError(f"Trainer: config must be a PretrainConfig, got {type(config).__name__}")
         self.config = config
         self.device, self.world_size, self.rank = _set_up_distribution(config.run)
-        optim = config.optim
-        if optim.steps < 1 or optim.accumulation < 1:
-            raise ValueError(f"optim.steps and optim.accumulation must be positive, got {optim.steps} and {optim.accumulation}")
         self._check_output_directory()
         encoder = self._build_encoder()
         heads = self._build_heads(encoder.config.embed_dim)
@@ -391,8 +388,10 @@ class Trainer:
                 with context, autocast:
                     losses = self.objective(self.model, self.teacher, batch, values["teacher_temperature"])
                     (losses.loss / optim.accumulation).backward()
-                for name in LOSS_NAMES:
-                    sums[name] += float(getattr(losses, name).detach()) / optim.accumulation
+                # One copy to the host per micro-batch, not one per loss term.
+                terms = torch.stack([getattr(losses, name).detach() for name in LOSS_NAMES]).tolist()
+                for name, value in zip(LOSS_NAMES, terms):
+                    sums[name] += value / optim.accumulation
                 tokens += batch.student.num_tokens
             if not all(math.isfinite(v) for v in sums.values()):
                 raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
