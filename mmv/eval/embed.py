@@ -62,6 +62,7 @@ from mmv.data.dataset_spec import DatasetSpec, open_dataset
 from mmv.data.datasets import LabelledImageDataset
 from mmv.data.preprocess import ModalityPreprocess
 from mmv.data.sampler import TokenBudgetBatchSampler, check_positive_int
+from mmv.devices import resolve_device
 from mmv.eval.encoders import LoadedEncoder, embed_preprocess, load_encoder, weights_digest
 from mmv.eval.features import (
     INDEX_COLUMNS,
@@ -152,18 +153,6 @@ class EmbedRun:
     skipped_ids: tuple[str, ...]
     seconds: float
     images_per_s: float
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available")
-    return resolved
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -376,7 +365,7 @@ def _run(
 ) -> dict[str, EmbedRun]:
     """The embed run of :func:`run_embed` and :func:`run_embed_encoders`: one feature table per encoder."""
     _check_run_arguments(dataset, on_error, max_tokens, num_workers, bf16)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     loaded = {name: load_encoder(checkpoint) for name, checkpoint in checkpoints.items()}
     transform = _shared_preprocess(loaded, given)
     cache = PreprocessCache(cache_dir) if cache_dir is not None else None

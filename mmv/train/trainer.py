@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmv.data.sampler import TokenBudgetBatchSampler
+from mmv.devices import resolve_device
 from mmv.files import atomic_write, check_writable
 from mmv.model.checkpoint import CheckpointError
 from mmv.model.encoder import Encoder
@@ -75,18 +76,12 @@ def _parameter_groups(module: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "apply_decay": True}, {"params": no_decay, "apply_decay": False, "weight_decay": 0.0}]
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _set_up_distribution(run: RunSettings) -> tuple[torch.device, int, int]:
     """Set the thread count, join the process group under ``torchrun`` (gloo on CPU, NCCL on GPU) and pick
     this process's device; returns ``(device, world_size, rank)``."""
     if run.num_threads is not None:
         torch.set_num_threads(int(run.num_threads))
-    device = _resolve_device(run.device)
+    device = resolve_device(run.device, "run.device")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
